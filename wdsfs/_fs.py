@@ -1,0 +1,174 @@
+"""fsspec helpers shared by the source lister and the fetcher (not public API).
+
+Filesystems are made lazily in the process that uses them, from the recipe (URL +
+storage_options): fsspec caches instances per process and drops its cache after a fork, so a
+forked DataLoader worker never touches its parent's async event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+from fsspec.spec import AbstractFileSystem
+
+from wdsfs.errors import (
+    DownloadError,
+    ShardNotFoundError,
+    StorageAccessError,
+    WdsfsError,
+)
+
+_EXTRAS = {
+    "s3": "s3fs: pip install wdsfs[s3]",
+    "s3a": "s3fs: pip install wdsfs[s3]",
+    "gs": "gcsfs: pip install wdsfs[gcs]",
+    "gcs": "gcsfs: pip install wdsfs[gcs]",
+    "az": "adlfs: pip install wdsfs[azure]",
+    "abfs": "adlfs: pip install wdsfs[azure]",
+    "abfss": "adlfs: pip install wdsfs[azure]",
+    "http": "aiohttp: pip install wdsfs[http]",
+    "https": "aiohttp: pip install wdsfs[http]",
+}
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "T": 1000**4,
+    "TB": 1000**4,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+}
+
+
+def url_to_fs(
+    url: str, storage_options: Mapping[str, Any] | None
+) -> tuple[AbstractFileSystem, str]:
+    """Return the fsspec filesystem and the path inside it for ``url``.
+
+    Raises:
+        ImportError: The backend package for the URL's protocol is not installed, with the
+            ``pip install`` line that fixes it.
+        ValueError: The protocol is unknown to fsspec.
+    """
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ImportError as exc:
+        hint = _EXTRAS.get(protocol, f"the fsspec backend for {protocol}://")
+        raise ImportError(f"reading {protocol}:// needs {hint}") from exc
+    except TypeError as exc:  # an unknown storage option
+        raise TypeError(f"{url}: bad storage_options for {protocol}://: {exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"{url}: {exc}") from exc
+    return fs, path
+
+
+def full_url(fs: AbstractFileSystem, path: str) -> str:
+    """The URL (with protocol) of ``path`` in ``fs``."""
+    if "://" in path:
+        return path
+    url: str = fs.unstrip_protocol(path)
+    return url
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    """True for the local disk, where shards are read in place instead of cached."""
+    return "file" in _protocols(fs)
+
+
+def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+_TRANSIENT_ERRNOS = {
+    errno.EBUSY,  # s3fs: SlowDown / throttling
+    errno.EREMOTEIO,  # s3fs: HTTP 500
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ECONNREFUSED,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+    errno.EAGAIN,
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying ``exc`` may succeed (throttling, resets, timeouts, 5xx, short reads)."""
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | WdsfsError):
+        return False
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | ConnectionError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _TRANSIENT_ERRNOS or exc.errno is None
+    name = type(exc).__module__ + "." + type(exc).__name__
+    # aiohttp client errors, botocore/aiobotocore connection and read errors, fsspec FileExpired
+    return any(
+        part in name
+        for part in (
+            "aiohttp.",
+            "botocore.exceptions",
+            "ClientPayloadError",
+            "IncompleteRead",
+            "ProtocolError",
+            "FileExpired",
+        )
+    )
+
+
+def translate_error(exc: BaseException, url: str, doing: str) -> WdsfsError:
+    """Turn a backend exception into the wdsfs error a user can act on, naming ``url``."""
+    if isinstance(exc, WdsfsError):
+        return exc
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, FileNotFoundError):
+        return ShardNotFoundError(f"{url}: not found while {doing} ({detail})", url=url)
+    name = type(exc).__name__
+    if isinstance(exc, PermissionError) or name in {
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "ClientError",
+        "InvalidAccessKeyId",
+    }:
+        return StorageAccessError(
+            f"{url}: access denied while {doing}; check credentials/storage_options ({detail})",
+            url=url,
+        )
+    return DownloadError(f"{url}: {doing} failed: {detail}", url=url)
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes in ``value``: an int, or a string such as ``"500MB"``, ``"10GB"``, ``"2GiB"``."""
+    if isinstance(value, bool):
+        raise TypeError(f"size must be an int or a string like '10GB', got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"size must be positive, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"size must be an int or a string like '10GB', got {value!r}")
+    text = value.strip().upper().replace(" ", "")
+    number = text.rstrip("BKMGTI")
+    unit = text[len(number) :]
+    try:
+        amount = float(number)
+    except ValueError:
+        raise ValueError(f"cannot read a size from {value!r}; use e.g. '500MB' or '10GB'") from None
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"unknown size unit in {value!r}; use B, KB, MB, GB, TB or KiB..TiB")
+    size = int(amount * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size

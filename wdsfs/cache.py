@@ -1,0 +1,272 @@
+"""ShardCache: a size-limited LRU store of shard files on local disk, shared by processes.
+
+Built on :class:`diskcache.Cache` (SQLite index + one file per shard). Every process on the
+machine that uses the same ``cache_dir`` shares it safely:
+
+- a shard is keyed by its URL **and** its version (ETag, generation, size+mtime), so a replaced
+  object gets a new key and the stale copy is never served;
+- downloads go to ``<cache_dir>/tmp/<pid>-<random>.part`` and are moved into the cache by an
+  atomic rename only after verification; a process killed mid-download leaves only a temp file,
+  which the next process to open the cache removes (its owner is dead);
+- :meth:`ShardCache.lock` is an OS file lock per key (released by the kernel if its holder
+  dies), so two processes asking for the same shard download it once;
+- readers hold an open file handle: eviction unlinks the file but never breaks a reader that has
+  it open (POSIX semantics);
+- eviction is least-recently-used, run after each commit until the volume is under
+  ``cache_limit``; a shard larger than the whole limit is refused with :class:`CacheError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import diskcache
+import filelock
+import platformdirs
+
+from wdsfs._fs import parse_size
+from wdsfs.errors import CacheError, DownloadCancelled
+from wdsfs.shard import Shard
+
+__all__ = ["DEFAULT_CACHE_LIMIT", "ShardCache", "default_cache_dir"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_LIMIT = "20GB"
+_DISK_MARGIN = 64 * 1024 * 1024
+_LOCK_POLL = 0.05
+
+
+def default_cache_dir() -> str:
+    """The platform's user cache directory for wdsfs shards (``~/.cache/wdsfs/shards`` on Linux)."""
+    return str(Path(platformdirs.user_cache_dir("wdsfs")) / "shards")
+
+
+class _MoveIn:
+    """A diskcache value meaning: adopt this already-written file (rename, no copy)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+class _ShardDisk(diskcache.Disk):  # type: ignore[misc]
+    """diskcache storage that renames verified temp files into the cache instead of copying."""
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if isinstance(value, _MoveIn):
+            filename, full_path = self.filename(key, value)
+            Path(full_path).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(value.path, full_path)
+            return os.path.getsize(full_path), diskcache.core.MODE_BINARY, filename, None
+        return super().store(value, read, key=key)
+
+
+class ShardCache:
+    """LRU disk cache of shard files, shared by every process using the same directory.
+
+    Args:
+        cache_dir: Directory of the cache; default :func:`default_cache_dir`.
+        cache_limit: Maximum bytes of shard files, an int or a string (``"500MB"``, ``"10GB"``).
+
+    The cache pickles as its recipe (directory and limit) and opens its SQLite connection lazily
+    in each process, so it can be handed to DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str] | None = None,
+        *,
+        cache_limit: int | str = DEFAULT_CACHE_LIMIT,
+    ) -> None:
+        self.directory = str(Path(cache_dir).expanduser()) if cache_dir else default_cache_dir()
+        self.cache_limit = parse_size(cache_limit)
+        self._cache: diskcache.Cache | None = None
+        self._pid: int | None = None
+        self._open_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ShardCache({self.directory!r}, cache_limit={self.cache_limit})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"directory": self.directory, "cache_limit": self.cache_limit}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"], cache_limit=state["cache_limit"])  # type: ignore[misc]
+
+    def __enter__(self) -> ShardCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def _db(self) -> diskcache.Cache:
+        if self._cache is None or self._pid != os.getpid():
+            with self._open_lock:
+                if self._cache is None or self._pid != os.getpid():
+                    self._cache = self._open()
+                    self._pid = os.getpid()
+        return self._cache
+
+    def _open(self) -> diskcache.Cache:
+        try:
+            for sub in ("tmp", "locks"):
+                Path(self.directory, sub).mkdir(parents=True, exist_ok=True)
+            cache = diskcache.Cache(
+                self.directory,
+                size_limit=self.cache_limit,
+                eviction_policy="least-recently-used",
+                cull_limit=0,  # we cull after each commit, never the entry just written
+                disk=_ShardDisk,
+                statistics=False,
+            )
+        except OSError as exc:
+            raise CacheError(f"cannot open the shard cache in {self.directory}: {exc}") from exc
+        self._remove_orphans()
+        return cache
+
+    def _remove_orphans(self) -> None:
+        """Delete temp files whose owning process is gone (killed mid-download)."""
+        for part in Path(self.directory, "tmp").glob("*.part"):
+            pid_text = part.name.split("-", 1)[0]
+            if pid_text.isdigit() and not _alive(int(pid_text)):
+                logger.debug("removing leftover temp file %s", part)
+                part.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close this process's connection to the cache index."""
+        if self._cache is not None and self._pid == os.getpid():
+            self._cache.close()
+        self._cache = None
+
+    @staticmethod
+    def key(shard: Shard) -> str:
+        """The cache key of a shard: its URL and version."""
+        return f"{shard.url}#{shard.version}" if shard.version else shard.url
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._db
+
+    def __len__(self) -> int:
+        return len(self._db)
+
+    def open(self, key: str) -> IO[bytes] | None:
+        """An open handle on the cached shard, or None. Marks it recently used.
+
+        The handle stays readable even if the entry is evicted while it is open.
+        """
+        handle: IO[bytes] | None = self._db.get(key, default=None, read=True)
+        return handle
+
+    def path(self, key: str) -> str | None:
+        """The local path of a cached shard, or None (valid until the entry is evicted)."""
+        handle = self.open(key)
+        if handle is None:
+            return None
+        with handle:
+            return str(handle.name)
+
+    def volume(self) -> int:
+        """Bytes used by the cache on disk (shard files and index)."""
+        return int(self._db.volume())
+
+    def keys(self) -> list[str]:
+        """Keys of the cached shards."""
+        return [str(k) for k in self._db.iterkeys()]
+
+    def clear(self) -> int:
+        """Remove every cached shard; returns how many were removed."""
+        return int(self._db.clear())
+
+    def check_fits(self, shard: Shard) -> None:
+        """Refuse a shard that can never fit, or that the disk has no room for.
+
+        Raises:
+            CacheError: The shard is larger than ``cache_limit`` or than the free disk space.
+        """
+        if shard.size is None:
+            return
+        if shard.size > self.cache_limit:
+            raise CacheError(
+                f"{shard.url}: shard is {shard.size} bytes but cache_limit is {self.cache_limit} "
+                f"bytes; raise cache_limit above the largest shard",
+                url=shard.url,
+            )
+        free = shutil.disk_usage(Path(self.directory, "tmp")).free
+        if free < shard.size + _DISK_MARGIN:
+            raise CacheError(
+                f"{shard.url}: not enough free disk for {shard.size} bytes in {self.directory} "
+                f"({free} bytes free); free space or lower cache_limit",
+                url=shard.url,
+            )
+
+    def temp_path(self) -> str:
+        """A fresh temp file path inside the cache directory (same filesystem: atomic rename)."""
+        self._db  # noqa: B018 - make sure the directory exists and orphans are gone
+        return str(Path(self.directory, "tmp", f"{os.getpid()}-{uuid.uuid4().hex}.part"))
+
+    def commit(self, key: str, temp_path: str) -> IO[bytes]:
+        """Move a verified temp file into the cache under ``key``; return an open handle on it.
+
+        The handle is opened before the rename, so it reads the shard even if another process
+        evicts it at once. Least-recently-used entries are then evicted to respect the limit.
+        """
+        handle = open(temp_path, "rb")  # noqa: SIM115 - returned to the caller
+        try:
+            self._db.set(key, _MoveIn(temp_path))
+        except BaseException:
+            handle.close()
+            raise
+        final = self.open(key)  # same bytes, named by their place in the cache
+        if final is not None:
+            handle.close()
+            handle = final
+        evicted = self._db.cull()
+        if evicted:
+            logger.debug("evicted %d shards to stay under %d bytes", evicted, self.cache_limit)
+        return handle
+
+    @contextlib.contextmanager
+    def lock(self, key: str, stop_event: threading.Event | None = None) -> Iterator[None]:
+        """Hold the cross-process lock of ``key`` (one download per key on this machine).
+
+        Raises:
+            DownloadCancelled: ``stop_event`` was set while waiting for the lock.
+        """
+        name = hashlib.sha256(key.encode()).hexdigest()[:32]
+        self._db  # noqa: B018
+        lock = filelock.FileLock(
+            str(Path(self.directory, "locks", f"{name}.lock")), thread_local=False
+        )
+        while True:
+            try:
+                lock.acquire(timeout=0.5, poll_interval=_LOCK_POLL)
+                break
+            except filelock.Timeout:
+                if stop_event is not None and stop_event.is_set():
+                    raise DownloadCancelled(
+                        f"{key}: cancelled while waiting for another download"
+                    ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

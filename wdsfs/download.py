@@ -1,0 +1,514 @@
+"""The fetcher: shard URL -> verified local file in the ShardCache.
+
+Each shard is fetched as ranged reads of ``chunk_size`` bytes spread over a thread pool of
+``max_workers`` connections and written at their offsets into a temp file in the cache directory
+(never the whole shard in memory). Chunks are queued in shard order, so the shard the reader
+needs next gets the connections first while later shards of the read-ahead window use the rest.
+
+Every transfer reports to a :class:`TransferCallback` (an fsspec ``Callback``) that counts bytes
+for progress and verification and raises :class:`DownloadCancelled` once the stop event is set.
+With async backends (s3fs, gcsfs, http, adlfs) a chunk in flight is cancelled on its event loop
+within ~50 ms, so a cancelled download stops moving bytes at once; sync backends (memory) stop
+at the next chunk.
+
+A finished download is verified (size always; MD5 where the backend or index gives one; else the
+object's version is checked again so an object replaced mid-download is noticed), then moved into
+the cache atomically. Transient errors are retried with exponential backoff and full jitter up to
+``max_attempts``; a wrong size or checksum is retried as a whole download, then raised as
+:class:`IntegrityError`. Missing objects and denied access fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import hashlib
+import logging
+import os
+import random
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from fsspec.callbacks import Callback
+from fsspec.spec import AbstractFileSystem
+
+from wdsfs._fs import is_local, is_transient, translate_error, url_to_fs
+from wdsfs.cache import ShardCache
+from wdsfs.errors import CacheError, DownloadCancelled, DownloadError, IntegrityError, WdsfsError
+from wdsfs.metrics import FetchMetrics
+from wdsfs.shard import Shard
+from wdsfs.source import shard_from_info
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "FetchedShard", "Fetcher", "TransferCallback"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+_CANCEL_CHECK_SECONDS = 0.05
+_HASH_BLOCK = 4 * 1024 * 1024
+
+
+class TransferCallback(Callback):  # type: ignore[misc]
+    """fsspec Callback of one transfer: counts bytes, forwards progress, raises on cancel.
+
+    Args:
+        url: The shard URL, for the cancellation message.
+        stop_events: Any of these set cancels the transfer.
+        progress: An optional outer Callback (a tqdm bar) that receives every byte count.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        stop_events: Iterable[threading.Event] = (),
+        progress: Callback | None = None,
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self.stop_events = tuple(stop_events)
+        self.progress = progress
+        self._lock = threading.Lock()
+
+    def cancelled(self) -> bool:
+        """Whether any stop event is set."""
+        return any(event.is_set() for event in self.stop_events)
+
+    def check(self) -> None:
+        """Raise :class:`DownloadCancelled` if the transfer must stop."""
+        if self.cancelled():
+            raise DownloadCancelled(f"{self.url}: download cancelled", url=self.url)
+
+    def relative_update(self, inc: int = 1) -> None:
+        with self._lock:
+            self.value += inc
+        if self.progress is not None:
+            self.progress.relative_update(inc)
+        self.call()
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        self.check()
+
+
+@dataclass
+class FetchedShard:
+    """A shard ready to read: an open handle that stays valid even if the cache evicts it.
+
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    shard: Shard
+    file: IO[bytes]
+    from_cache: bool
+    path: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.path = str(self.file.name)
+
+    def close(self) -> None:
+        """Release the handle."""
+        self.file.close()
+
+    def __enter__(self) -> FetchedShard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Fetcher:
+    """Downloads shards into a :class:`ShardCache`, verified, cancellable and retried.
+
+    Args:
+        cache: The cache to fill; default: a :class:`ShardCache` in the default directory.
+        storage_options: fsspec options for the shard URLs.
+        max_workers: Concurrent connections (chunk transfers) of this fetcher.
+        chunk_size: Bytes per ranged read.
+        max_attempts: Tries per chunk for transient errors, and per shard for integrity errors.
+        verify: Check MD5 when one is known (size is always checked).
+        stop_event: Setting it cancels every transfer of this fetcher.
+        progress: fsspec Callback (e.g. ``fsspec.callbacks.TqdmCallback``) receiving all bytes.
+        backoff: Base seconds of the exponential retry backoff.
+
+    No thread starts before the first download; :meth:`close` joins them.
+    """
+
+    def __init__(
+        self,
+        cache: ShardCache | None = None,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        max_workers: int = 8,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_attempts: int = 5,
+        verify: bool = True,
+        stop_event: threading.Event | None = None,
+        progress: Callback | None = None,
+        backoff: float = 0.2,
+    ) -> None:
+        if max_workers < 1 or chunk_size < 1 or max_attempts < 1:
+            raise ValueError("max_workers, chunk_size and max_attempts must be >= 1")
+        self.cache = cache if cache is not None else ShardCache()
+        self.storage_options = dict(storage_options or {})
+        self.max_workers = max_workers
+        self.chunk_size = chunk_size
+        self.max_attempts = max_attempts
+        self.verify = verify
+        self.stop_event = stop_event if stop_event is not None else threading.Event()
+        self.progress = progress
+        self.backoff = backoff
+        self.metrics = FetchMetrics()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel queued chunk transfers and join the fetcher's threads."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _chunk_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.max_workers, thread_name_prefix="wdsfs-fetch"
+                )
+            return self._pool
+
+    # -- one shard ---------------------------------------------------------------------------
+
+    def fetch(self, shard: Shard, *, stop: threading.Event | None = None) -> FetchedShard:
+        """Return the shard from the cache, downloading it first if needed (blocking).
+
+        Args:
+            shard: The shard to fetch.
+            stop: An extra event that cancels this fetch only.
+
+        Raises:
+            DownloadCancelled: A stop event was set.
+            ShardNotFoundError, StorageAccessError: At once, naming the URL.
+            DownloadError: A transient failure persisted after ``max_attempts``.
+            IntegrityError: Size or checksum stayed wrong after ``max_attempts``.
+            CacheError: The shard cannot fit in the cache or on the disk.
+        """
+        events = (self.stop_event, stop) if stop is not None else (self.stop_event,)
+        callback = TransferCallback(shard.url, events, self.progress)
+        callback.check()
+        fs, path = url_to_fs(shard.url, self.storage_options)
+        if is_local(fs):
+            return self._open_local(shard, path)
+        shard = self._resolve(fs, path, shard)
+        key = self.cache.key(shard)
+        handle = self.cache.open(key)
+        if handle is None:
+            self.cache.check_fits(shard)
+            with self.cache.lock(key, stop_event=_AnyEvent(events)):
+                handle = self.cache.open(key)  # another process may have just fetched it
+                if handle is None:
+                    fetched = self._download_verified(fs, path, shard, key, callback)
+                    self.metrics.shard_ready()
+                    return fetched
+        self.metrics.add(hits=1, bytes_from_cache=shard.size or 0)
+        self.metrics.shard_ready()
+        logger.debug("cache hit %s", shard.url)
+        return FetchedShard(shard, handle, from_cache=True)
+
+    def _open_local(self, shard: Shard, path: str) -> FetchedShard:
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - owned by FetchedShard
+        except OSError as exc:
+            raise translate_error(exc, shard.url, "opening") from exc
+        size = os.fstat(handle.fileno()).st_size
+        if shard.size is not None and size != shard.size:
+            handle.close()
+            raise IntegrityError(
+                f"{shard.url}: size {size} bytes, expected {shard.size} "
+                "(file changed since listing)",
+                url=shard.url,
+            )
+        return FetchedShard(shard, handle, from_cache=True)
+
+    def _resolve(self, fs: AbstractFileSystem, path: str, shard: Shard) -> Shard:
+        """Fill in size and version (one HEAD) for shards given by name only."""
+        if shard.size is not None and shard.version is not None:
+            return shard
+        try:
+            info = fs.info(path)
+        except Exception as exc:
+            raise translate_error(exc, shard.url, "looking up") from exc
+        found = shard_from_info(fs, info)
+        return Shard(
+            url=shard.url,
+            size=found.size,
+            version=shard.version or found.version,
+            checksum=shard.checksum or found.checksum,
+            num_samples=shard.num_samples,
+        )
+
+    def _download_verified(
+        self, fs: AbstractFileSystem, path: str, shard: Shard, key: str, callback: TransferCallback
+    ) -> FetchedShard:
+        last: IntegrityError | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            temp = self.cache.temp_path()
+            try:
+                written = self._download(fs, path, shard, temp, callback)
+                self._verify(fs, path, shard, temp, written)
+                handle = self.cache.commit(key, temp)
+            except IntegrityError as exc:
+                self.metrics.add(integrity_failures=1)
+                logger.warning("%s (attempt %d/%d)", exc, attempt, self.max_attempts)
+                last = exc
+                continue
+            except OSError as exc:
+                if isinstance(exc, WdsfsError):
+                    raise
+                raise CacheError(
+                    f"{shard.url}: cannot write to the cache in {self.cache.directory}: {exc}",
+                    url=shard.url,
+                ) from exc
+            finally:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+            self.metrics.add(misses=1, bytes_downloaded=written)
+            logger.debug("downloaded %s (%d bytes)", shard.url, written)
+            return FetchedShard(shard, handle, from_cache=False)
+        assert last is not None
+        raise last
+
+    def _download(
+        self, fs: AbstractFileSystem, path: str, shard: Shard, temp: str, callback: TransferCallback
+    ) -> int:
+        """Write the object into ``temp`` with ranged reads on the pool; return bytes written."""
+        size = shard.size
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if size is None:
+                return self._stream(fs, path, fd, shard.url, callback)
+            callback.set_size(size)
+            abort = threading.Event()
+            chunk_callback = TransferCallback(shard.url, (*callback.stop_events, abort), callback)
+            ranges = [
+                (start, min(start + self.chunk_size, size))
+                for start in range(0, size, self.chunk_size)
+            ]
+            pool = self._chunk_pool()
+            futures = [
+                pool.submit(self._chunk, fs, path, fd, start, end, shard.url, chunk_callback)
+                for start, end in ranges
+            ]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                abort.set()
+                for future in futures:
+                    future.cancel()
+                concurrent.futures.wait(futures)
+                raise
+            return int(chunk_callback.value)
+        finally:
+            os.close(fd)
+
+    def _chunk(
+        self,
+        fs: AbstractFileSystem,
+        path: str,
+        fd: int,
+        start: int,
+        end: int,
+        url: str,
+        callback: TransferCallback,
+    ) -> None:
+        for attempt in range(1, self.max_attempts + 1):
+            callback.check()
+            try:
+                data = _read_range(fs, path, start, end, callback)
+            except DownloadCancelled:
+                raise
+            except Exception as exc:
+                if not is_transient(exc) or attempt == self.max_attempts:
+                    raise self._final_error(exc, url, attempt) from exc
+                self._sleep_before_retry(exc, url, attempt, callback)
+                continue
+            if len(data) != end - start:
+                # a short or long body: retried like a reset connection
+                exc = DownloadError(
+                    f"{url}: range {start}-{end} returned {len(data)} bytes", url=url
+                )
+                if attempt == self.max_attempts:
+                    raise IntegrityError(
+                        f"{url}: size {len(data)} bytes for range {start}-{end}, expected "
+                        f"{end - start} (object changed or truncated download)",
+                        url=url,
+                    )
+                self._sleep_before_retry(exc, url, attempt, callback)
+                continue
+            os.pwrite(fd, data, start)
+            callback.relative_update(len(data))
+            return
+
+    def _stream(
+        self, fs: AbstractFileSystem, path: str, fd: int, url: str, callback: TransferCallback
+    ) -> int:
+        """Sequential download for objects of unknown size (some HTTP servers)."""
+        written = 0
+        try:
+            with fs.open(path, "rb", block_size=0) as remote:
+                while True:
+                    callback.check()
+                    data = remote.read(min(self.chunk_size, 1024 * 1024))
+                    if not data:
+                        break
+                    os.pwrite(fd, data, written)
+                    written += len(data)
+                    callback.relative_update(len(data))
+        except (DownloadCancelled, OSError) as exc:
+            if isinstance(exc, WdsfsError):
+                raise
+            raise self._final_error(exc, url, 1) from exc
+        return written
+
+    def _final_error(self, exc: BaseException, url: str, attempt: int) -> WdsfsError:
+        error = translate_error(exc, url, "downloading")
+        if attempt > 1 and type(error) is DownloadError:
+            return DownloadError(f"{error} (gave up after {attempt} attempts)", url=url)
+        return error
+
+    def _sleep_before_retry(
+        self, exc: BaseException, url: str, attempt: int, callback: TransferCallback
+    ) -> None:
+        delay = random.uniform(0, self.backoff * 2 ** (attempt - 1))
+        self.metrics.add(retries=1)
+        logger.warning(
+            "%s: transient error (%s), retry %d/%d in %.2fs",
+            url,
+            exc,
+            attempt,
+            self.max_attempts - 1,
+            delay,
+        )
+        if _AnyEvent(callback.stop_events).wait(delay):
+            callback.check()
+
+    def _verify(
+        self, fs: AbstractFileSystem, path: str, shard: Shard, temp: str, written: int
+    ) -> None:
+        size_on_disk = os.path.getsize(temp)
+        if shard.size is not None and (written != shard.size or size_on_disk != shard.size):
+            raise IntegrityError(
+                f"{shard.url}: size {written} bytes, expected {shard.size} "
+                "(object changed or truncated download)",
+                url=shard.url,
+            )
+        if self.verify and shard.checksum and shard.checksum.startswith("md5:"):
+            expected = shard.checksum[4:]
+            got = _md5_of(temp)
+            if got != expected:
+                raise IntegrityError(
+                    f"{shard.url}: md5 {got}, expected {expected} "
+                    "(corrupted download or object changed)",
+                    url=shard.url,
+                )
+        elif shard.version is not None and not shard.version.startswith("md5:"):
+            # No checksum applies: make sure the object did not change while we read it.
+            try:
+                now = shard_from_info(fs, fs.info(path)).version
+            except Exception as exc:
+                raise translate_error(exc, shard.url, "checking the version") from exc
+            if now != shard.version:
+                raise IntegrityError(
+                    f"{shard.url}: object changed during download "
+                    f"(version {shard.version} -> {now})",
+                    url=shard.url,
+                )
+
+    # -- a read-ahead window -----------------------------------------------------------------
+
+    def fetch_ahead(self, shards: Iterable[Shard], *, window: int = 2) -> Iterator[FetchedShard]:
+        """Yield fetched shards in order while up to ``window`` more download ahead.
+
+        Closing the iterator (``break``, an exception, garbage collection) cancels the downloads
+        still in flight, waits for them, and closes handles the caller never received.
+        """
+        if window < 0:
+            raise ValueError("window must be >= 0")
+        stop = threading.Event()
+        pending: collections.deque[concurrent.futures.Future[FetchedShard]] = collections.deque()
+        with concurrent.futures.ThreadPoolExecutor(
+            window + 1, thread_name_prefix="wdsfs-shard"
+        ) as pool:
+            todo = iter(shards)
+            try:
+                while True:
+                    while len(pending) <= window:
+                        shard = next(todo, None)
+                        if shard is None:
+                            break
+                        pending.append(pool.submit(self.fetch, shard, stop=stop))
+                    if not pending:
+                        return
+                    yield pending.popleft().result()
+            finally:
+                stop.set()
+                for future in pending:
+                    future.cancel()
+                for future in pending:
+                    if not future.cancelled() and future.exception() is None:
+                        future.result().close()
+
+
+class _AnyEvent:
+    """Wait on several events (the fetcher's and a caller's) as if they were one."""
+
+    def __init__(self, events: Iterable[threading.Event]) -> None:
+        self.events = tuple(events)
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self.events)
+
+    def wait(self, timeout: float) -> bool:
+        # Sleep on the first event; re-check all of them (cancellation granularity: timeout).
+        deadline_step = min(timeout, 0.1) if len(self.events) > 1 else timeout
+        waited = 0.0
+        while waited < timeout:
+            if self.events[0].wait(min(deadline_step, timeout - waited)) or self.is_set():
+                return True
+            waited += deadline_step
+        return self.is_set()
+
+
+def _read_range(
+    fs: AbstractFileSystem, path: str, start: int, end: int, callback: TransferCallback
+) -> bytes:
+    """Bytes ``[start, end)`` of ``path``; cancellable mid-transfer on async filesystems."""
+    loop = getattr(fs, "loop", None) if getattr(fs, "async_impl", False) else None
+    if loop is None or getattr(fs, "asynchronous", False):
+        data: bytes = fs.cat_file(path, start=start, end=end)
+        return data
+    future = asyncio.run_coroutine_threadsafe(fs._cat_file(path, start=start, end=end), loop)
+    while True:
+        try:
+            result: bytes = future.result(timeout=_CANCEL_CHECK_SECONDS)
+            return result
+        except concurrent.futures.TimeoutError:
+            if callback.cancelled():
+                future.cancel()
+                callback.check()
+
+
+def _md5_of(path: str) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()

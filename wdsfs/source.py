@@ -1,0 +1,267 @@
+"""Source: which shards make a dataset.
+
+``remote`` may be an fsspec URL of a prefix (``s3://bucket/ds``), a plain local path, one shard
+URL, a brace pattern (``s3://b/ds/shard-{000000..000099}.tar``) or a list of any of those.
+A prefix is resolved from its ``index.wds`` when there is one (no listing needed, sample counts
+known), else by listing it recursively for tar shards, sorted by URL so every process sees the
+same order. A :class:`Source` pickles as its recipe and makes its filesystem lazily, so it can
+travel to DataLoader workers (fork or spawn).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from braceexpand import braceexpand
+from fsspec.spec import AbstractFileSystem
+
+from wdsfs._fs import full_url, translate_error, url_to_fs
+from wdsfs.errors import NoShardsError, ShardNotFoundError
+from wdsfs.shard import Shard
+
+__all__ = ["Source", "count_shards", "is_shard_name", "list_shards", "shard_from_info"]
+
+logger = logging.getLogger(__name__)
+
+
+def _tar_suffixes() -> tuple[str, ...]:
+    from wdsfs.tar import TAR_SUFFIXES
+
+    return tuple(TAR_SUFFIXES)
+
+
+def is_shard_name(path: str) -> bool:
+    """Whether ``path`` names a tar shard (by suffix: .tar, .tar.gz, .tgz, ...)."""
+    return path.lower().endswith(_tar_suffixes())
+
+
+class Source:
+    """The shards of a dataset and the filesystem that holds them.
+
+    Args:
+        remote: Prefix URL, local path, shard URL, brace pattern, or a list of those.
+        split: Optional sub-prefix (``"train"``) appended to a prefix ``remote``.
+        storage_options: Passed to fsspec (``{"anon": True}``, ``{"endpoint_url": ...}``...).
+        profile: AWS profile name for ``s3://`` (streaming-wds' ``profile=``); same as
+            ``storage_options={"profile": ...}``.
+
+    Raises:
+        ValueError: ``remote`` is empty, or ``split`` is given with a list or pattern.
+    """
+
+    def __init__(
+        self,
+        remote: str | Sequence[str],
+        *,
+        split: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        profile: str | None = None,
+    ) -> None:
+        remotes = [remote] if isinstance(remote, str) else list(remote)
+        if not remotes or any(not isinstance(r, str) or not r.strip() for r in remotes):
+            raise ValueError(f"remote must be a non-empty URL, path or list of them: {remote!r}")
+        options = dict(storage_options or {})
+        if profile is not None:
+            options["profile"] = profile
+        self.remotes = [r.strip() for r in remotes]
+        self.split = split.strip("/") if split else None
+        self.storage_options = options
+        self._shards: list[Shard] | None = None
+        self._fs: AbstractFileSystem | None = None
+
+    def __repr__(self) -> str:
+        remote = self.remotes[0] if len(self.remotes) == 1 else self.remotes
+        return f"Source({remote!r}, split={self.split!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Travel as a recipe: never ship a live filesystem (event loops, sockets) to a worker.
+        state = self.__dict__.copy()
+        state["_fs"] = None
+        return state
+
+    @property
+    def url(self) -> str:
+        """The dataset location as given (with the split), for messages."""
+        if len(self.remotes) == 1 and self.split:
+            return f"{self.remotes[0].rstrip('/')}/{self.split}"
+        return (
+            self.remotes[0]
+            if len(self.remotes) == 1
+            else f"{self.remotes[0]} (+{len(self.remotes) - 1})"
+        )
+
+    @property
+    def fs(self) -> AbstractFileSystem:
+        """The fsspec filesystem of the dataset, made on first use in this process."""
+        if self._fs is None:
+            self._fs, _ = url_to_fs(self.remotes[0], self.storage_options)
+        return self._fs
+
+    def shards(self) -> list[Shard]:
+        """The dataset's shards in their deterministic order (listed once, then remembered).
+
+        Raises:
+            NoShardsError: The location holds no tar shards.
+            ShardNotFoundError: The bucket, prefix or a listed shard does not exist.
+            StorageAccessError: Access was denied.
+        """
+        if self._shards is None:
+            self._shards = self._resolve()
+            logger.info("%s: %d shards", self.url, len(self._shards))
+        return list(self._shards)
+
+    def _resolve(self) -> list[Shard]:
+        is_list = len(self.remotes) > 1
+        if self.split and (is_list or "{" in self.remotes[0]):
+            raise ValueError("split= applies to a prefix remote, not to a list or brace pattern")
+        shards: list[Shard] = []
+        for remote in self.remotes:
+            expanded = list(braceexpand(remote)) if "{" in remote else [remote]
+            if len(expanded) > 1 or is_list or is_shard_name(remote):
+                shards.extend(self._explicit(url) for url in expanded)
+            else:
+                prefix = f"{remote.rstrip('/')}/{self.split}" if self.split else remote
+                shards.extend(self._list_prefix(prefix))
+        if not shards:
+            raise NoShardsError(f"{self.url}: no tar shards found", url=self.url)
+        return shards
+
+    def _explicit(self, url: str) -> Shard:
+        if not is_shard_name(url):
+            raise ValueError(f"{url}: not a tar shard name (expected one of {_tar_suffixes()})")
+        fs, path = url_to_fs(url, self.storage_options)
+        return Shard(url=full_url(fs, path))
+
+    def _list_prefix(self, prefix: str) -> list[Shard]:
+        from wdsfs.index import INDEX_NAME, parse_index
+
+        fs, path = url_to_fs(prefix, self.storage_options)
+        base = full_url(fs, path.rstrip("/"))
+        index_url = f"{base}/{INDEX_NAME}"
+        try:
+            data = fs.cat_file(f"{path.rstrip('/')}/{INDEX_NAME}")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            data = None
+        except Exception as exc:  # translated, never swallowed
+            raise translate_error(exc, index_url, "reading index.wds") from exc
+        if data is not None:
+            logger.info("%s: using %s", prefix, index_url)
+            return parse_index(data, base_url=base)
+        try:
+            found = fs.find(path, detail=True)
+        except Exception as exc:
+            raise translate_error(exc, prefix, "listing") from exc
+        if not found:
+            self._check_location(fs, path, prefix)
+        infos = sorted(
+            (
+                info
+                for name, info in found.items()
+                if is_shard_name(name) and info.get("type") != "directory"
+            ),
+            key=lambda info: str(info["name"]),
+        )
+        return [shard_from_info(fs, info) for info in infos]
+
+    @staticmethod
+    def _check_location(fs: AbstractFileSystem, path: str, prefix: str) -> None:
+        """Tell a missing bucket or prefix from an empty one (find() returns [] for both)."""
+        root = path.split("/", 1)[0] if "://" not in path else path
+        for candidate, what in ((root, "bucket/container/root"), (path, "prefix")):
+            try:
+                exists = fs.exists(candidate)
+            except Exception as exc:
+                raise translate_error(exc, prefix, "checking the location") from exc
+            if not exists:
+                raise ShardNotFoundError(
+                    f"{prefix}: {what} {candidate!r} does not exist", url=prefix
+                )
+
+
+def shard_from_info(fs: AbstractFileSystem, info: Mapping[str, Any]) -> Shard:
+    """A :class:`Shard` from an fsspec ``info()``/``find(detail=True)`` entry.
+
+    The version is the most specific identity the backend gives (S3 VersionId or ETag, GCS
+    generation, Azure etag, else size and modification time); the checksum is an MD5 that applies
+    to the whole object (S3 single-part ETag, GCS/Azure md5).
+    """
+    name = str(info["name"])
+    size = info.get("size")
+    size = int(size) if size is not None else None
+    checksum: str | None = None
+    etag = info.get("ETag") or info.get("etag")
+    etag = str(etag).strip('"') if etag else None
+    md5_b64 = info.get("md5Hash")
+    content_md5 = (
+        (info.get("content_settings") or {}).get("content_md5")
+        if isinstance(info.get("content_settings"), Mapping)
+        else None
+    )
+    if md5_b64:
+        checksum = "md5:" + base64.b64decode(md5_b64).hex()
+    elif content_md5:
+        checksum = "md5:" + bytes(content_md5).hex()
+    elif (
+        etag
+        and len(etag) == 32
+        and "-" not in etag
+        and _is_hex(etag)
+        and _protocol_of(fs) in {"s3", "s3a"}
+    ):
+        checksum = "md5:" + etag.lower()
+    version = (
+        info.get("VersionId")
+        or info.get("generation")
+        or etag
+        or info.get("mtime")
+        or info.get("LastModified")
+        or info.get("last_modified")
+        or info.get("created")
+    )
+    version_text = (
+        f"{size}-{version}" if version is not None else (str(size) if size is not None else None)
+    )
+    return Shard(url=full_url(fs, name), size=size, version=version_text, checksum=checksum)
+
+
+def _protocol_of(fs: AbstractFileSystem) -> str:
+    protocol = fs.protocol
+    return protocol if isinstance(protocol, str) else protocol[0]
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True
+
+
+def list_shards(
+    remote: str | Sequence[str],
+    *,
+    split: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    profile: str | None = None,
+) -> list[Shard]:
+    """The shards of a dataset, in order. See :class:`Source` for the arguments."""
+    return Source(remote, split=split, storage_options=storage_options, profile=profile).shards()
+
+
+def count_shards(
+    remote: str | Sequence[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    split: str | None = None,
+    profile: str | None = None,
+) -> int:
+    """The number of shards of a dataset (streaming-wds' ``count_shards``).
+
+    Raises:
+        NoShardsError: The location holds no tar shards.
+        ShardNotFoundError: The bucket or prefix does not exist.
+    """
+    return len(list_shards(remote, split=split, storage_options=storage_options, profile=profile))
