@@ -23,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import os
 import random
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -214,9 +216,20 @@ class Fetcher:
             with self.cache.lock(key, stop_event=_AnyEvent(events)):
                 handle = self.cache.open(key)  # another process may have just fetched it
                 if handle is None:
-                    fetched = self._download_verified(fs, path, shard, key, callback)
+                    temp, _ = self._download_verified(
+                        fs, path, shard, callback, self.cache.temp_path
+                    )
+                    try:
+                        handle = self.cache.commit(key, temp)
+                    except OSError as exc:
+                        raise CacheError(
+                            f"{shard.url}: cannot store in the cache {self.cache.directory}: {exc}",
+                            url=shard.url,
+                        ) from exc
+                    finally:
+                        _remove(temp)
                     self.metrics.shard_ready()
-                    return fetched
+                    return FetchedShard(shard, handle, from_cache=False)
         self.metrics.add(hits=1, bytes_from_cache=shard.size or 0)
         self.metrics.shard_ready()
         logger.debug("cache hit %s", shard.url)
@@ -255,35 +268,64 @@ class Fetcher:
         )
 
     def _download_verified(
-        self, fs: AbstractFileSystem, path: str, shard: Shard, key: str, callback: TransferCallback
-    ) -> FetchedShard:
+        self,
+        fs: AbstractFileSystem,
+        path: str,
+        shard: Shard,
+        callback: TransferCallback,
+        temp_path: Callable[[], str],
+    ) -> tuple[str, int]:
+        """Download and verify into a fresh temp file; return its path and size.
+
+        The caller moves the file into place; on any error no temp file is left behind.
+        """
         last: IntegrityError | None = None
         for attempt in range(1, self.max_attempts + 1):
-            temp = self.cache.temp_path()
+            temp = temp_path()
             try:
                 written = self._download(fs, path, shard, temp, callback)
                 self._verify(fs, path, shard, temp, written)
-                handle = self.cache.commit(key, temp)
             except IntegrityError as exc:
                 self.metrics.add(integrity_failures=1)
                 logger.warning("%s (attempt %d/%d)", exc, attempt, self.max_attempts)
                 last = exc
+                _remove(temp)
                 continue
-            except OSError as exc:
-                if isinstance(exc, WdsfsError):
-                    raise
-                raise CacheError(
-                    f"{shard.url}: cannot write to the cache in {self.cache.directory}: {exc}",
-                    url=shard.url,
-                ) from exc
-            finally:
-                if os.path.exists(temp):
-                    os.unlink(temp)
+            except BaseException as exc:
+                _remove(temp)
+                if isinstance(exc, OSError) and not isinstance(exc, WdsfsError):
+                    raise CacheError(
+                        f"{shard.url}: cannot write {temp}: {exc}", url=shard.url
+                    ) from exc
+                raise
             self.metrics.add(misses=1, bytes_downloaded=written)
             logger.debug("downloaded %s (%d bytes)", shard.url, written)
-            return FetchedShard(shard, handle, from_cache=False)
+            return temp, written
         assert last is not None
         raise last
+
+    def download_to(
+        self, shard: Shard, output_path: str, *, stop: threading.Event | None = None
+    ) -> None:
+        """Download ``shard`` to ``output_path`` (verified, atomic), bypassing the cache.
+
+        Raises:
+            DownloadCancelled: A stop event was set; ``output_path`` is left untouched.
+        """
+        events = (self.stop_event, stop) if stop is not None else (self.stop_event,)
+        callback = TransferCallback(shard.url, events, self.progress)
+        fs, path = url_to_fs(shard.url, self.storage_options)
+        shard = self._resolve(fs, path, shard)
+        directory = os.path.dirname(os.path.abspath(output_path))
+        os.makedirs(directory, exist_ok=True)
+
+        def temp_path() -> str:
+            return os.path.join(
+                directory, f".{os.path.basename(output_path)}.{uuid.uuid4().hex}.part"
+            )
+
+        temp, _ = self._download_verified(fs, path, shard, callback, temp_path)
+        os.replace(temp, output_path)
 
     def _download(
         self, fs: AbstractFileSystem, path: str, shard: Shard, temp: str, callback: TransferCallback
@@ -504,6 +546,11 @@ def _read_range(
             if callback.cancelled():
                 future.cancel()
                 callback.check()
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _md5_of(path: str) -> str:

@@ -1,0 +1,227 @@
+"""ShardCache: LRU limit, sharing between processes, crash safety."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.datasets import make_shard
+from wdsfs.cache import ShardCache
+from wdsfs.download import Fetcher
+from wdsfs.errors import CacheError
+from wdsfs.shard import Shard
+from wdsfs.source import list_shards
+
+MiB = 1024 * 1024
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*.val"))
+
+
+def test_cache_limit_parsing(tmp_path):
+    assert ShardCache(tmp_path, cache_limit="500MB").cache_limit == 500_000_000
+    assert ShardCache(tmp_path, cache_limit="2GiB").cache_limit == 2 * 1024**3
+    assert ShardCache(tmp_path, cache_limit=1234).cache_limit == 1234
+    for bad in ("lots", "10XB", 0, -5, "0GB"):
+        with pytest.raises(ValueError):
+            ShardCache(tmp_path, cache_limit=bad)
+    with pytest.raises(TypeError):
+        ShardCache(tmp_path, cache_limit=1.5)  # type: ignore[arg-type]
+
+
+def test_eviction_keeps_the_directory_under_the_limit(memory_remote, tmp_path):
+    for i in range(8):
+        memory_remote.put(f"shard-{i:06d}.tar", os.urandom(3 * MiB))
+    shards = list_shards(memory_remote.url)
+    cache = ShardCache(tmp_path / "c", cache_limit=10 * MiB)
+    with Fetcher(cache) as fetcher:
+        for fetched in fetcher.fetch_ahead(shards, window=1):
+            with fetched:
+                assert len(fetched.file.read()) == 3 * MiB
+            assert cache.volume() <= 10 * MiB
+            assert _dir_bytes(tmp_path / "c") <= 10 * MiB
+    keys = cache.keys()
+    # least recently used went first: the last shards are the ones kept
+    assert 1 <= len(keys) <= 3
+    assert all(any(s.url in k for s in shards[-3:]) for k in keys)
+
+
+def test_open_reader_survives_eviction(memory_remote, tmp_path):
+    memory_remote.put("shard-000000.tar", b"a" * 4 * MiB)
+    memory_remote.put("shard-000001.tar", b"b" * 4 * MiB)
+    first, second = list_shards(memory_remote.url)
+    cache = ShardCache(tmp_path / "c", cache_limit=6 * MiB)
+    with Fetcher(cache) as fetcher:
+        reader = fetcher.fetch(first)
+        reader.file.read(10)
+        with fetcher.fetch(second):
+            pass
+        assert cache.key(first) not in cache  # evicted...
+        assert reader.file.read() == b"a" * (4 * MiB - 10)  # ...yet still fully readable
+        reader.close()
+
+
+def test_shard_larger_than_the_cache_is_refused(memory_remote, tmp_path):
+    memory_remote.put("shard-000000.tar", b"x" * 2 * MiB)
+    (shard,) = list_shards(memory_remote.url)
+    with Fetcher(ShardCache(tmp_path / "c", cache_limit=MiB)) as fetcher:
+        with pytest.raises(CacheError, match=r"shard-000000\.tar.*cache_limit"):
+            fetcher.fetch(shard)
+
+
+def test_cache_pickles_as_its_recipe(tmp_path):
+    cache = ShardCache(tmp_path / "c", cache_limit="1GB")
+    assert len(cache) == 0
+    clone = pickle.loads(pickle.dumps(cache))
+    assert (clone.directory, clone.cache_limit) == (cache.directory, cache.cache_limit)
+    assert clone._cache is None
+
+
+def test_version_is_part_of_the_key():
+    a = Shard("s3://b/x.tar", size=1, version="1-etagA")
+    b = Shard("s3://b/x.tar", size=1, version="1-etagB")
+    assert ShardCache.key(a) != ShardCache.key(b)
+
+
+_SHARED_FETCH = textwrap.dedent(
+    """
+    import json, sys
+    from wdsfs.cache import ShardCache
+    from wdsfs.download import Fetcher
+    from wdsfs.shard import Shard
+    url, cache_dir, options, barrier_file = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    import os, time
+    while not os.path.exists(barrier_file):
+        time.sleep(0.005)
+    with Fetcher(ShardCache(cache_dir), storage_options=options) as fetcher:
+        with fetcher.fetch(Shard(url)) as fetched:
+            data = fetched.file.read()
+    print(json.dumps({"misses": fetcher.metrics.misses, "hits": fetcher.metrics.hits, "size": len(data)}))
+    """
+)
+
+
+@pytest.mark.s3
+def test_processes_sharing_a_cache_download_once(s3_bucket, fault_proxy, tmp_path):
+    import json
+
+    data = os.urandom(24 * MiB)
+    s3_bucket.put("shard-000000.tar", data)
+    proxy = fault_proxy(s3_bucket.endpoint_url)
+    proxy.throttle(40 * MiB)  # long enough for the processes to overlap
+    options = s3_bucket.options_for(proxy.endpoint_url)
+    barrier = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SHARED_FETCH, s3_bucket.join("shard-000000.tar"),
+             str(tmp_path / "c"), json.dumps(options), str(barrier)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        for _ in range(3)
+    ]
+    time.sleep(1.0)  # all interpreters up and waiting
+    proxy.reset_counters()
+    barrier.write_text("go")
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sum(r["misses"] for r in results) == 1
+    assert sum(r["hits"] for r in results) == 2
+    assert all(r["size"] == len(data) for r in results)
+    assert proxy.bytes_to_client < 1.5 * len(data)
+
+
+_KILLED_FETCH = textwrap.dedent(
+    """
+    import json, sys
+    from wdsfs.cache import ShardCache
+    from wdsfs.download import Fetcher
+    from wdsfs.shard import Shard
+    url, cache_dir, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    with Fetcher(ShardCache(cache_dir), storage_options=options) as fetcher:
+        fetcher.fetch(Shard(url))
+    """
+)
+
+
+@pytest.mark.s3
+def test_sigkill_mid_download_leaves_a_usable_cache(s3_bucket, fault_proxy, tmp_path):
+    import json
+
+    data = os.urandom(60 * MiB)
+    s3_bucket.put("shard-000000.tar", data)
+    proxy = fault_proxy(s3_bucket.endpoint_url)
+    proxy.throttle(20 * MiB)
+    options = s3_bucket.options_for(proxy.endpoint_url)
+    cache_dir = tmp_path / "c"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_FETCH, s3_bucket.join("shard-000000.tar"), str(cache_dir),
+         json.dumps(options)],
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 60
+    while proxy.bytes_to_client < 10 * MiB and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert list((cache_dir / "tmp").glob("*.part")), "the download should be in progress"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    proxy.throttle(None)
+    cache = ShardCache(cache_dir)
+    assert len(cache) == 0  # nothing half-written is served
+    assert not list((cache_dir / "tmp").glob("*.part"))  # the dead process's temp file is gone
+    with Fetcher(cache, storage_options=options) as fetcher:
+        with fetcher.fetch(Shard(s3_bucket.join("shard-000000.tar"))) as fetched:
+            assert not fetched.from_cache
+            assert fetched.file.read() == data
+
+
+def _fetch_in_child(args):
+    url, cache_dir = args
+    with Fetcher(ShardCache(cache_dir)) as fetcher, fetcher.fetch(Shard(url)) as fetched:
+        return len(fetched.file.read())
+
+
+def test_cache_works_in_spawned_processes(tmp_path):
+    path = tmp_path / "data" / "shard-000000.tar"
+    path.parent.mkdir()
+    path.write_bytes(make_shard(0, 3))
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        sizes = pool.map(_fetch_in_child, [(str(path), str(tmp_path / "c"))] * 2)
+    assert sizes == [path.stat().st_size] * 2
+
+
+@pytest.fixture
+def memory_remote():
+    """A fresh memory:// prefix (pure in-process storage for cache logic)."""
+    import uuid
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    base = f"/cache-test-{uuid.uuid4().hex}"
+
+    class _Memory:
+        url = f"memory://{base}"
+
+        @staticmethod
+        def put(relpath: str, data: bytes) -> None:
+            fs.pipe(f"{base}/{relpath}", data)
+
+    yield _Memory()
+    if fs.exists(base):
+        fs.rm(base, recursive=True)

@@ -1,0 +1,123 @@
+"""Source: which shards a URL, pattern or list names, on every backend."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from tests.datasets import make_shard, write_dataset
+from wdsfs.errors import NoShardsError, ShardNotFoundError
+from wdsfs.source import Source, count_shards, list_shards
+
+
+def test_prefix_lists_tar_shards_recursively_in_order(remote):
+    remote.put("b/shard-000001.tar", make_shard(1, 2))
+    remote.put("a/shard-000000.tar", make_shard(0, 2))
+    remote.put("a/nested/deeper/shard-000002.tar.gz", make_shard(2, 2, compress=True))
+    remote.put("c/shard-000003.tgz", make_shard(3, 2, compress=True))
+    remote.put("a/readme.md", b"not a shard")
+    remote.put("a/shard-000000.tar.idx", b"not a shard either")
+
+    shards = list_shards(remote.url, storage_options=remote.storage_options)
+
+    assert [s.url for s in shards] == [
+        remote.join("a/nested/deeper/shard-000002.tar.gz"),
+        remote.join("a/shard-000000.tar"),
+        remote.join("b/shard-000001.tar"),
+        remote.join("c/shard-000003.tgz"),
+    ]
+    assert all(s.size and s.size > 0 for s in shards)
+    assert count_shards(remote.url, remote.storage_options) == 4
+
+
+def test_split_selects_a_sub_prefix(remote):
+    write_dataset(remote.put, [1, 1], prefix="train/")
+    write_dataset(remote.put, [1], prefix="val/")
+    train = list_shards(remote.url, split="train", storage_options=remote.storage_options)
+    val = list_shards(remote.url, split="val", storage_options=remote.storage_options)
+    assert [s.name for s in train] == ["shard-000000.tar", "shard-000001.tar"]
+    assert [s.url for s in val] == [remote.join("val/shard-000000.tar")]
+
+
+def test_brace_pattern_and_list(remote):
+    write_dataset(remote.put, [1, 1, 1])
+    pattern = remote.join("shard-{000000..000002}.tar")
+    shards = list_shards(pattern, storage_options=remote.storage_options)
+    assert [s.name for s in shards] == [f"shard-{i:06d}.tar" for i in range(3)]
+    listed = list_shards(
+        [remote.join("shard-000002.tar"), remote.join("shard-00000{0,1}.tar")],
+        storage_options=remote.storage_options,
+    )
+    assert [s.name for s in listed] == ["shard-000002.tar", "shard-000000.tar", "shard-000001.tar"]
+
+
+def test_index_is_used_instead_of_listing(remote):
+    data = make_shard(0, 3)
+    remote.put("listed/shard-000000.tar", data)
+    remote.put("listed/shard-000009.tar", make_shard(9, 1))  # not in the index: ignored
+    index = {
+        "format": "wdsfs-index",
+        "version": 1,
+        "shards": [{"path": "shard-000000.tar", "size": len(data), "num_samples": 3, "md5": None}],
+    }
+    import hashlib
+
+    index["shards"][0]["md5"] = hashlib.md5(data).hexdigest()
+    remote.put("listed/index.wds", json.dumps(index).encode())
+    shards = list_shards(remote.join("listed"), storage_options=remote.storage_options)
+    assert len(shards) == 1
+    assert shards[0].url == remote.join("listed/shard-000000.tar")
+    assert shards[0].num_samples == 3
+    assert shards[0].size == len(data)
+    assert shards[0].checksum == "md5:" + hashlib.md5(data).hexdigest()
+
+
+def test_empty_prefix_is_a_clear_error(remote):
+    remote.put("other/readme.txt", b"x")
+    with pytest.raises(NoShardsError, match="no tar shards"):
+        list_shards(remote.join("other"), storage_options=remote.storage_options)
+
+
+@pytest.mark.s3
+def test_missing_bucket_is_a_clear_error(moto_server):
+    with pytest.raises(ShardNotFoundError, match="no-such-bucket"):
+        list_shards("s3://no-such-bucket/ds", storage_options=moto_server.storage_options)
+
+
+def test_missing_local_directory(tmp_path):
+    with pytest.raises(ShardNotFoundError, match="does-not-exist"):
+        list_shards(str(tmp_path / "does-not-exist"))
+
+
+def test_plain_local_path_and_single_shard(tmp_path):
+    (tmp_path / "shard-000000.tar").write_bytes(make_shard(0, 1))
+    assert [s.name for s in list_shards(str(tmp_path))] == ["shard-000000.tar"]
+    single = list_shards(str(tmp_path / "shard-000000.tar"))
+    assert single[0].url.endswith("shard-000000.tar")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="remote"):
+        Source("")
+    with pytest.raises(ValueError, match="remote"):
+        Source([])
+    with pytest.raises(ValueError, match="not a tar shard"):
+        list_shards(["memory://x/readme.txt"])
+    with pytest.raises(ValueError, match="split"):
+        list_shards(["memory://x/a.tar", "memory://x/b.tar"], split="train")
+
+
+def test_source_pickles_as_a_recipe(remote):
+    write_dataset(remote.put, [1])
+    source = Source(remote.url, storage_options=remote.storage_options)
+    assert source.fs is not None
+    clone = pickle.loads(pickle.dumps(source))
+    assert clone._fs is None
+    assert clone.shards() == source.shards()
+
+
+def test_profile_goes_to_storage_options():
+    source = Source("s3://bucket/ds", profile="research")
+    assert source.storage_options["profile"] == "research"

@@ -1,0 +1,339 @@
+"""StreamingWebDataset: a torch IterableDataset over WebDataset shards in any fsspec storage.
+
+It only wires the stages together::
+
+    Source -> plan_epoch -> Fetcher (read-ahead window) -> ShardCache -> read_samples
+           -> ReaderStream (shuffle buffer, resumable state) -> Decoder -> process_sample
+           -> transform -> sample
+
+Each DataLoader worker of each rank is one *reader*; the plan gives every reader its own shards
+(or parts of shards when there are fewer shards than readers), so every sample is read exactly
+once per epoch across all ranks and workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.context import get_spawning_popen
+from typing import Any, Literal
+
+from torch.utils.data import IterableDataset
+
+from wdsfs._dist import rank_and_world_size, worker_and_count
+from wdsfs._fs import parse_size
+from wdsfs.cache import DEFAULT_CACHE_LIMIT, ShardCache
+from wdsfs.decode import Decoder
+from wdsfs.download import DEFAULT_CHUNK_SIZE, FetchedShard, Fetcher
+from wdsfs.plan import ReaderId, WorkItem, equalize_quotas, plan_epoch
+from wdsfs.shard import Shard
+from wdsfs.source import Source
+from wdsfs.stream import ReaderState, ReaderStream, reader_seed
+from wdsfs.tar import read_samples
+
+__all__ = ["StreamingWebDataset"]
+
+logger = logging.getLogger(__name__)
+
+Sample = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ReaderWork:
+    """What one reader reads this epoch: its items, and where to resume inside them."""
+
+    reader: ReaderId
+    items: list[WorkItem]
+    state: ReaderState | None = None
+    quota: int | None = None
+
+
+@dataclass
+class _Resume:
+    """A loaded state_dict, applied by each reader on its next iteration (once)."""
+
+    token: str
+    epoch: int
+    work_for: Callable[[ReaderId, StreamingWebDataset], ReaderWork]
+    worker_offset: int = 0
+    used_by: set[int] = field(default_factory=set)
+
+
+class StreamingWebDataset(IterableDataset[Sample]):
+    """Stream WebDataset samples from any fsspec storage through a shared LRU disk cache.
+
+    Args:
+        remote: Dataset URL (``s3://bucket/ds``, ``gs://``, ``az://``, ``https://``, local path,
+            brace pattern) or a list of shard URLs.
+        split: Optional sub-prefix of ``remote`` (``"train"``).
+        storage_options: fsspec options (credentials, ``endpoint_url``...).
+        profile: AWS profile for ``s3://`` (as in streaming-wds).
+        decode: Decoders per field: ``{"jpg": "pil", "json": "json", "cls": "int"}`` or
+            callables; fields not listed stay bytes. ``schema=`` is the streaming-wds alias.
+        transform: Called on each decoded sample (after :meth:`process_sample`).
+        shuffle: Shuffle shard order and samples (through a buffer), per (seed, epoch).
+        seed: Base seed of the shuffle.
+        buffer_size: Samples held by the shuffle buffer of each reader.
+        memory_buffer_limit: Bytes bound of each reader's shuffle buffer (``"512MB"``).
+        cache_dir: Directory of the shared shard cache (default: the user cache dir).
+        cache_limit: Bytes of the shard cache (int or ``"10GB"``).
+        max_workers: Concurrent connections per reader.
+        prefetch: Shards downloading ahead of the one being read, per reader.
+        equalize: ``None`` (each sample exactly once), ``"drop"`` or ``"repeat"``: every rank
+            yields the same number of samples per epoch (needs sample counts from index.wds).
+        max_attempts: Tries for transient errors and integrity failures.
+        verify: Check MD5s where known (sizes are always checked).
+        chunk_size: Bytes per ranged read.
+
+    Raises:
+        ValueError: An unknown decoder name, a bad size, or a bad option value.
+    """
+
+    def __init__(
+        self,
+        remote: str | Sequence[str],
+        split: str | None = None,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        profile: str | None = None,
+        decode: Mapping[str, str | Callable[[bytes], Any]] | None = None,
+        transform: Callable[[Sample], Any] | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        buffer_size: int = 1000,
+        memory_buffer_limit: int | str = "1GB",
+        cache_dir: str | None = None,
+        cache_limit: int | str = DEFAULT_CACHE_LIMIT,
+        max_workers: int = 8,
+        prefetch: int = 2,
+        equalize: Literal["drop", "repeat"] | None = None,
+        max_attempts: int = 5,
+        verify: bool = True,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        schema: Mapping[str, str | Callable[[bytes], Any]] | None = None,
+        memory_buffer_limit_bytes: int | str | None = None,
+        file_cache_limit_bytes: int | str | None = None,
+    ) -> None:
+        if equalize not in (None, "drop", "repeat"):
+            raise ValueError(f"equalize must be None, 'drop' or 'repeat', not {equalize!r}")
+        if buffer_size < 0 or prefetch < 0 or max_workers < 1:
+            raise ValueError("buffer_size and prefetch must be >= 0, max_workers >= 1")
+        if decode is not None and schema is not None:
+            raise ValueError("give decode= or its streaming-wds alias schema=, not both")
+        self.source = Source(remote, split=split, storage_options=storage_options, profile=profile)
+        self.decoder = Decoder(decode if decode is not None else schema)
+        self.transform = transform
+        self.shuffle = shuffle
+        self.seed = seed
+        self.buffer_size = buffer_size if shuffle else 0
+        self.memory_buffer_limit = parse_size(
+            memory_buffer_limit_bytes
+            if memory_buffer_limit_bytes is not None
+            else memory_buffer_limit
+        )
+        self.cache = ShardCache(
+            cache_dir,
+            cache_limit=file_cache_limit_bytes
+            if file_cache_limit_bytes is not None
+            else cache_limit,
+        )
+        self.max_workers = max_workers
+        self.prefetch = prefetch
+        self.equalize = equalize
+        self.max_attempts = max_attempts
+        self.verify = verify
+        self.chunk_size = chunk_size
+        self._epoch: Any = 0  # an int, or a shared multiprocessing.Value once workers exist
+        self._resume: _Resume | None = None
+        self._active: ReaderStream | None = None
+        self._active_reader: ReaderId | None = None
+
+    # -- pickling: travel to DataLoader workers as a recipe ---------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_active"] = None
+        state["_active_reader"] = None
+        if get_spawning_popen() is None and not isinstance(self._epoch, int):
+            state["_epoch"] = self.epoch  # plain pickling (not process start): a plain int
+        return state
+
+    def share_epoch(self) -> None:
+        """Keep the epoch in shared memory so persistent DataLoader workers see set_epoch.
+
+        Called by :class:`StreamingDataLoader` before it starts workers.
+        """
+        if isinstance(self._epoch, int):
+            self._epoch = multiprocessing.get_context().Value("q", self._epoch, lock=False)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch (seeds the shuffle)."""
+        return self._epoch if isinstance(self._epoch, int) else int(self._epoch.value)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch: shard order and sample shuffle are deterministic per (seed, epoch)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, not {epoch}")
+        if isinstance(self._epoch, int):
+            self._epoch = epoch
+        else:
+            self._epoch.value = epoch
+
+    def shards(self) -> list[Shard]:
+        """The dataset's shards (listed on first use)."""
+        return self.source.shards()
+
+    @property
+    def num_shards(self) -> int:
+        """Number of shards."""
+        return len(self.shards())
+
+    @property
+    def num_samples(self) -> int | None:
+        """Total samples when an index.wds gave every shard's count, else None."""
+        counts = [shard.num_samples for shard in self.shards()]
+        if any(count is None for count in counts):
+            return None
+        return sum(count for count in counts if count is not None)
+
+    def process_sample(self, sample: Sample) -> Sample:
+        """Hook for subclasses: called on every decoded sample, before ``transform``."""
+        return sample
+
+    # -- iteration ------------------------------------------------------------------------------
+
+    def reader(self) -> ReaderId:
+        """This process's reader: rank and DataLoader worker."""
+        rank, world_size = rank_and_world_size()
+        worker, num_workers = worker_and_count()
+        offset = self._resume_offset()
+        return ReaderId(rank, world_size, (worker + offset) % num_workers, num_workers)
+
+    def _resume_offset(self) -> int:
+        resume = self._resume
+        if resume is None or resume.epoch != self.epoch:
+            return 0
+        return resume.worker_offset
+
+    def plan(self, reader: ReaderId) -> ReaderWork:
+        """The work of ``reader`` this epoch (resumed from a loaded state when there is one)."""
+        shards = self.shards()
+        resume = self._resume
+        if resume is not None and resume.epoch == self.epoch and reader.index not in resume.used_by:
+            resume.used_by.add(reader.index)
+            return resume.work_for(reader, self)
+        items = plan_epoch(
+            len(shards), reader.count, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle
+        )
+        quota = self._quotas(items, reader)[reader.index] if self.equalize else None
+        return ReaderWork(reader, items[reader.index], None, quota)
+
+    def _quotas(self, items: Sequence[Sequence[WorkItem]], reader: ReaderId) -> list[int]:
+        shards = self.shards()
+        missing = [s.url for s in shards if s.num_samples is None]
+        if missing:
+            raise ValueError(
+                f"equalize={self.equalize!r} needs the sample count of every shard; "
+                f"{self.source.url} has no index.wds with counts "
+                f"(run `wdsfs index {self.source.url}`)"
+            )
+        counts = [
+            sum(item.count(shards[item.shard].num_samples or 0) for item in reader_items)
+            for reader_items in items
+        ]
+        assert self.equalize is not None
+        return equalize_quotas(
+            counts,
+            world_size=reader.world_size,
+            num_workers=reader.num_workers,
+            policy=self.equalize,
+        )
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self._iterate(self.plan(self.reader()))
+
+    def _iterate(self, work: ReaderWork) -> Iterator[Sample]:
+        shards = self.shards()
+        fetcher = Fetcher(
+            self.cache,
+            storage_options=self.source.storage_options,
+            max_workers=self.max_workers,
+            chunk_size=self.chunk_size,
+            max_attempts=self.max_attempts,
+            verify=self.verify,
+        )
+        start_item = work.state.item if work.state is not None else 0
+        readahead = _Readahead(
+            fetcher, shards, [i.shard for i in work.items[start_item:]], self.prefetch
+        )
+        stream = ReaderStream(
+            work.items,
+            readahead.read,
+            buffer_size=self.buffer_size,
+            seed=reader_seed(self.seed, self.epoch, work.reader.index),
+            max_buffer_bytes=self.memory_buffer_limit,
+            state=work.state,
+            quota=work.quota,
+            policy=self.equalize or "drop",
+        )
+        self._active, self._active_reader = stream, work.reader
+        logger.debug("reader %s: %d items", work.reader, len(work.items))
+        try:
+            for sample in stream:
+                sample = self.process_sample(self.decoder(sample))
+                yield self.transform(sample) if self.transform is not None else sample
+        finally:
+            readahead.close()  # cancels downloads in flight, joins threads; state stays readable
+
+    def loader_state(self) -> tuple[int, dict[str, Any]] | None:
+        """(reader index, JSON state) of the stream this process is iterating, for the loader."""
+        if self._active is None or self._active_reader is None:
+            return None
+        return self._active_reader.index, self._active.state().to_json()
+
+
+class _Readahead:
+    """Fetches a reader's planned shards ahead of the reader; serves other shards on demand."""
+
+    def __init__(
+        self, fetcher: Fetcher, shards: Sequence[Shard], planned: Sequence[int], window: int
+    ):
+        self.fetcher = fetcher
+        self.shards = shards
+        self.planned = collections.deque(planned)
+        self.ahead = fetcher.fetch_ahead((shards[i] for i in planned), window=window)
+        self._lock = threading.Lock()
+
+    def _get(self, index: int) -> FetchedShard:
+        with self._lock:
+            if self.planned and self.planned[0] == index:
+                self.planned.popleft()
+                return next(self.ahead)
+        return self.fetcher.fetch(self.shards[index])
+
+    def read(
+        self,
+        shard: int,
+        *,
+        select: Callable[[int], bool] | None,
+        start: int,
+        stop: int | None,
+    ) -> Iterator[tuple[int, Sample]]:
+        """The ReadFn of ReaderStream: samples of ``shard`` with index >= start, < stop."""
+        with self._get(shard) as fetched:
+
+            def wanted(index: int) -> bool:
+                return index >= start and (select is None or select(index))
+
+            yield from read_samples(fetched.file, url=fetched.shard.url, select=wanted, stop=stop)
+
+    def close(self) -> None:
+        self.ahead.close()  # type: ignore[attr-defined]
+        self.fetcher.close()
