@@ -119,7 +119,7 @@ def test_processes_sharing_a_cache_download_once(s3_bucket, fault_proxy, tmp_pat
     data = os.urandom(24 * MiB)
     s3_bucket.put("shard-000000.tar", data)
     proxy = fault_proxy(s3_bucket.endpoint_url)
-    proxy.throttle(40 * MiB)  # long enough for the processes to overlap
+    proxy.throttle(4 * MiB)  # per connection: long enough for the processes to overlap
     options = s3_bucket.options_for(proxy.endpoint_url)
     barrier = tmp_path / "go"
     procs = [
@@ -164,7 +164,7 @@ def test_sigkill_mid_download_leaves_a_usable_cache(s3_bucket, fault_proxy, tmp_
     data = os.urandom(60 * MiB)
     s3_bucket.put("shard-000000.tar", data)
     proxy = fault_proxy(s3_bucket.endpoint_url)
-    proxy.throttle(20 * MiB)
+    proxy.throttle(2 * MiB)  # per connection
     options = s3_bucket.options_for(proxy.endpoint_url)
     cache_dir = tmp_path / "c"
     proc = subprocess.Popen(

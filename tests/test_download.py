@@ -140,7 +140,7 @@ def test_cancelling_a_large_transfer_is_prompt(s3_bucket, fault_proxy, tmp_path)
     size = 120 * MiB
     s3_bucket.put("big.tar", os.urandom(size))
     proxy = fault_proxy(s3_bucket.endpoint_url)
-    proxy.throttle(40 * MiB)  # bytes per second: the transfer would take ~3 s
+    proxy.throttle(4 * MiB)  # per connection: ~32 MiB/s over 8 connections
     options = s3_bucket.options_for(proxy.endpoint_url)
     (shard,) = list_shards(s3_bucket.join("big.tar"), storage_options=options)
     shard = Fetcher(ShardCache(tmp_path / "x"), storage_options=options)._resolve(

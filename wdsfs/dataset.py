@@ -224,11 +224,15 @@ class StreamingWebDataset(IterableDataset[Sample]):
 
     def plan(self, reader: ReaderId) -> ReaderWork:
         """The work of ``reader`` this epoch (resumed from a loaded state when there is one)."""
-        shards = self.shards()
         resume = self._resume
         if resume is not None and resume.epoch == self.epoch and reader.index not in resume.used_by:
             resume.used_by.add(reader.index)
             return resume.work_for(reader, self)
+        return self.epoch_work(reader)
+
+    def epoch_work(self, reader: ReaderId) -> ReaderWork:
+        """The work of ``reader`` in the current epoch, from its start."""
+        shards = self.shards()
         items = plan_epoch(
             len(shards), reader.count, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle
         )

@@ -1,0 +1,322 @@
+"""StreamingDataLoader: a torch DataLoader that knows what it delivered, for exact resumption.
+
+Each batch is collated in its DataLoader worker together with that worker's stream state *after*
+the batch (a few integers plus the ids of the samples waiting in the shuffle buffer); the main
+process unwraps it, keeps the state of the last batch it handed out per reader, and returns the
+user's batch untouched. ``state_dict()`` is therefore exact at any point between batches and its
+size does not depend on the number of samples.
+
+Resuming with the same world size, ``num_workers`` and batch size continues each reader exactly
+where it stopped, shuffle buffer included, and rotates the DataLoader's round robin so that the
+order of batches is identical to the uninterrupted run. Resuming with a different number of
+workers or ranks (elastic) deals the remaining work out again: every sample of the epoch is still
+delivered exactly once, in a different order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data._utils.collate import default_collate, default_convert
+from torch.utils.data._utils.pin_memory import pin_memory
+
+from wdsfs._dist import rank_and_world_size
+from wdsfs.dataset import ReaderWork, StreamingWebDataset, _Resume
+from wdsfs.errors import StateMismatchError
+from wdsfs.plan import ReaderId, plan_epoch, redistribute
+from wdsfs.stream import ReaderState
+
+__all__ = ["StreamingDataLoader", "gather_state_dict", "merge_state_dicts"]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = "wdsfs-loader-state"
+_VERSION = 1
+
+
+class _Tracked:
+    """A user batch travelling with the state of the reader that produced it."""
+
+    __slots__ = ("batch", "reader", "samples", "state")
+
+    def __init__(self, batch: Any, reader: int, state: dict[str, Any], samples: int) -> None:
+        self.batch = batch
+        self.reader = reader
+        self.state = state
+        self.samples = samples
+
+    def pin_memory(self) -> _Tracked:
+        return _Tracked(pin_memory(self.batch), self.reader, self.state, self.samples)
+
+
+class _TrackingCollate:
+    """Wraps the user's collate_fn: same batch, plus the producing reader's state."""
+
+    def __init__(self, collate_fn: Callable[[Any], Any], dataset: StreamingWebDataset) -> None:
+        self.collate_fn = collate_fn
+        self.dataset: StreamingWebDataset | None = dataset
+
+    def __getstate__(self) -> dict[str, Any]:
+        # workers use their own copy of the dataset (get_worker_info().dataset)
+        return {"collate_fn": self.collate_fn, "dataset": None}
+
+    def __call__(self, samples: Any) -> _Tracked:
+        info = get_worker_info()
+        dataset = info.dataset if info is not None else self.dataset
+        assert isinstance(dataset, StreamingWebDataset)
+        state = dataset.loader_state()
+        if state is None:
+            raise RuntimeError("StreamingDataLoader: the dataset is not iterating")
+        count = len(samples) if isinstance(samples, list) else 1
+        return _Tracked(self.collate_fn(samples), state[0], state[1], count)
+
+
+def dataset_fingerprint(dataset: StreamingWebDataset) -> str:
+    """A digest of the shard list (URLs and sizes): a state only loads onto the same data."""
+    digest = hashlib.sha256()
+    for shard in dataset.shards():
+        digest.update(f"{shard.url}\0{shard.size}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+class StreamingDataLoader(DataLoader[Any]):
+    """A DataLoader over a :class:`StreamingWebDataset` with ``state_dict``/``load_state_dict``.
+
+    Takes DataLoader's arguments (``batch_size``, ``num_workers``, ``collate_fn``,
+    ``persistent_workers``, ``pin_memory``, ``multiprocessing_context``...). ``collate_fn`` is
+    wrapped, never replaced: batches are exactly what it returns.
+
+    Args:
+        dataset: The dataset to load.
+        batch_size: Samples per batch (``None``: no batching, samples one by one).
+        **kwargs: Any other DataLoader argument.
+    """
+
+    def __init__(
+        self, dataset: StreamingWebDataset, batch_size: int | None = 1, **kwargs: Any
+    ) -> None:
+        if not isinstance(dataset, StreamingWebDataset):
+            raise TypeError("StreamingDataLoader needs a StreamingWebDataset")
+        for name in ("sampler", "batch_sampler", "shuffle"):
+            if kwargs.get(name):
+                raise ValueError(f"{name}= does not apply: the dataset plans and shuffles itself")
+        user_collate = kwargs.pop("collate_fn", None)
+        if user_collate is None:
+            user_collate = default_collate if batch_size is not None else default_convert
+        num_workers = int(kwargs.get("num_workers", 0))
+        if num_workers > 0:
+            dataset.share_epoch()
+        dataset.shards()  # list once here; forked workers inherit the list
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=_TrackingCollate(user_collate, dataset),
+            **kwargs,
+        )
+        self._states: dict[int, dict[str, Any]] = {}
+        self._last_reader: int | None = None
+        self._delivered = 0
+        self._finished = False
+        self._iter_epoch = dataset.epoch
+
+    @property
+    def streaming_dataset(self) -> StreamingWebDataset:
+        dataset = self.dataset
+        assert isinstance(dataset, StreamingWebDataset)
+        return dataset
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        dataset = self.streaming_dataset
+        resuming = dataset._resume is not None and dataset._resume.epoch == dataset.epoch
+        if not resuming:
+            self._states, self._last_reader, self._delivered = {}, None, 0
+        self._finished = False
+        self._iter_epoch = dataset.epoch
+        iterator = super().__iter__()
+        try:
+            for tracked in iterator:
+                self._states[tracked.reader] = tracked.state
+                self._last_reader = tracked.reader
+                self._delivered += tracked.samples
+                yield tracked.batch
+            self._finished = True
+        finally:
+            dataset._resume = None
+
+    def _config(self) -> dict[str, Any]:
+        dataset = self.streaming_dataset
+        _, world_size = rank_and_world_size()
+        return {
+            "world_size": world_size,
+            "num_workers": max(1, self.num_workers),
+            "batch_size": self.batch_size,
+            "seed": dataset.seed,
+            "shuffle": dataset.shuffle,
+            "buffer_size": dataset.buffer_size,
+            "equalize": dataset.equalize,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position: JSON-serialisable, size independent of the number of samples.
+
+        Under torch.distributed use :func:`gather_state_dict` to collect every rank's.
+        """
+        dataset = self.streaming_dataset
+        rank, _ = rank_and_world_size()
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "fingerprint": dataset_fingerprint(dataset),
+            "num_shards": dataset.num_shards,
+            "epoch": self._iter_epoch,
+            "finished": self._finished,
+            "config": self._config(),
+            "ranks": {str(rank): {"last_reader": self._last_reader, "delivered": self._delivered}},
+            "readers": {str(k): v for k, v in sorted(self._states.items())},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Continue after the last sample delivered when ``state_dict`` was taken.
+
+        Call it before iterating, on a fresh loader over a fresh dataset of the same data.
+
+        Raises:
+            StateMismatchError: The state belongs to another dataset, or is malformed, or
+                elastic resumption lacks the states of some ranks.
+        """
+        sd = _validated(state_dict)
+        dataset = self.streaming_dataset
+        if sd["fingerprint"] != dataset_fingerprint(dataset):
+            raise StateMismatchError(
+                f"{dataset.source.url}: this state_dict was saved for another dataset "
+                f"(shard list fingerprint {sd['fingerprint']} != {dataset_fingerprint(dataset)})",
+                url=dataset.source.url,
+            )
+        old = sd["config"]
+        for key in ("seed", "shuffle", "buffer_size", "equalize"):
+            if old[key] != getattr(dataset, key):
+                raise StateMismatchError(
+                    f"state_dict has {key}={old[key]!r} but the dataset has "
+                    f"{key}={getattr(dataset, key)!r}; resume with the same plan settings"
+                )
+        if sd["finished"]:
+            dataset.set_epoch(sd["epoch"] + 1)
+            dataset._resume = None
+            return
+        dataset.set_epoch(sd["epoch"])
+        new = self._config()
+        same = (old["world_size"], old["num_workers"]) == (new["world_size"], new["num_workers"])
+        states = {int(k): ReaderState.from_json(v) for k, v in sd["readers"].items()}
+        rank, _ = rank_and_world_size()
+        offset = 0
+        if same:
+            last = sd["ranks"].get(str(rank), {}).get("last_reader")
+            if str(rank) not in sd["ranks"]:
+                raise StateMismatchError(f"state_dict has no state for rank {rank}")
+            offset = 0 if last is None else (last % old["num_workers"] + 1) % old["num_workers"]
+            work_for = _same_plan(states)
+        else:
+            missing = set(range(old["world_size"])) - {int(r) for r in sd["ranks"]}
+            if missing:
+                raise StateMismatchError(
+                    f"elastic resume needs every rank's state; missing ranks {sorted(missing)} "
+                    "(save the output of wdsfs.gather_state_dict)"
+                )
+            work_for = _elastic_plan(states, old["world_size"] * old["num_workers"])
+        dataset._resume = _Resume(uuid.uuid4().hex, sd["epoch"], work_for, worker_offset=offset)
+        mine = range(rank * new["num_workers"], (rank + 1) * new["num_workers"])
+        self._states = {int(k): v for k, v in sd["readers"].items() if same and int(k) in mine}
+        self._last_reader = None
+        self._delivered = sum(int(r.get("delivered", 0)) for r in sd["ranks"].values())
+        self._iter_epoch = sd["epoch"]
+
+
+def _same_plan(
+    states: Mapping[int, ReaderState],
+) -> Callable[[ReaderId, StreamingWebDataset], ReaderWork]:
+    def work_for(reader: ReaderId, dataset: StreamingWebDataset) -> ReaderWork:
+        work = dataset.epoch_work(reader)
+        return ReaderWork(reader, work.items, states.get(reader.index), work.quota)
+
+    return work_for
+
+
+def _elastic_plan(
+    states: Mapping[int, ReaderState], old_readers: int
+) -> Callable[[ReaderId, StreamingWebDataset], ReaderWork]:
+    def work_for(reader: ReaderId, dataset: StreamingWebDataset) -> ReaderWork:
+        old_items = plan_epoch(
+            dataset.num_shards,
+            old_readers,
+            seed=dataset.seed,
+            epoch=dataset.epoch,
+            shuffle=dataset.shuffle,
+        )
+        dealt = redistribute(old_items, [states.get(i) for i in range(old_readers)], reader.count)
+        return ReaderWork(reader, dealt[reader.index], None, None)
+
+    return work_for
+
+
+def _validated(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        sd = json.loads(json.dumps(dict(state_dict)))
+        if sd.get("format") != _FORMAT:
+            raise StateMismatchError(
+                f"not a StreamingDataLoader state_dict (format={sd.get('format')!r})"
+            )
+        if sd.get("version") != _VERSION:
+            raise StateMismatchError(f"unsupported state_dict version {sd.get('version')!r}")
+        missing = [
+            key
+            for key in ("fingerprint", "epoch", "finished", "config", "ranks", "readers")
+            if key not in sd
+        ]
+        if missing:
+            raise StateMismatchError(f"malformed state_dict: missing {missing}")
+    except (TypeError, ValueError, KeyError) as exc:
+        if isinstance(exc, StateMismatchError):
+            raise
+        raise StateMismatchError(f"malformed state_dict: {exc}") from exc
+    return sd
+
+
+def merge_state_dicts(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One state_dict from every rank's (what :func:`gather_state_dict` returns).
+
+    Raises:
+        StateMismatchError: The states are of different datasets, epochs or configurations.
+    """
+    if not state_dicts:
+        raise ValueError("no state_dicts to merge")
+    merged = _validated(state_dicts[0])
+    for other in map(_validated, state_dicts[1:]):
+        for key in ("fingerprint", "epoch", "config"):
+            if other[key] != merged[key]:
+                raise StateMismatchError(f"cannot merge state_dicts with different {key}")
+        merged["finished"] = merged["finished"] and other["finished"]
+        merged["ranks"].update(other["ranks"])
+        merged["readers"].update(other["readers"])
+    return merged
+
+
+def gather_state_dict(loader: StreamingDataLoader) -> dict[str, Any]:
+    """Every rank's loader state merged into one (a collective: call it on every rank).
+
+    Save the result once (rank 0); load it on every rank of the resumed job, whatever its world
+    size: ``loader.load_state_dict(state)``.
+    """
+    import torch.distributed as dist
+
+    own = loader.state_dict()
+    if not (dist.is_available() and dist.is_initialized()):
+        return own
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, own)
+    return merge_state_dicts(gathered)
