@@ -1,0 +1,262 @@
+"""StreamingDataLoader: exact and elastic mid-epoch resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.datasets import sample_key, write_dataset
+from wdsfs import StreamingDataLoader, StreamingWebDataset
+from wdsfs.errors import StateMismatchError
+
+pytestmark = pytest.mark.torch
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def keys_collate(samples):
+    """A custom collate_fn: the batch is the list of keys."""
+    return [s["__key__"] for s in samples]
+
+
+def make_loader(root, cache, *, num_workers, batch_size, shuffle=True, seed=7, buffer_size=5):
+    ds = StreamingWebDataset(
+        str(root), shuffle=shuffle, seed=seed, buffer_size=buffer_size, cache_dir=str(cache)
+    )
+    return StreamingDataLoader(
+        ds, batch_size=batch_size, num_workers=num_workers, collate_fn=keys_collate
+    )
+
+
+def run_epoch(loader, stop_after=None):
+    batches = []
+    iterator = iter(loader)
+    for batch in iterator:
+        batches.append(batch)
+        if stop_after is not None and len(batches) == stop_after:
+            break
+    return batches
+
+
+def flat(batches):
+    return [key for batch in batches for key in batch]
+
+
+def write(root: Path, counts):
+    root.mkdir(parents=True, exist_ok=True)
+    write_dataset(lambda name, data: (root / name).write_bytes(data), counts)
+    return {sample_key(s, i) for s, n in enumerate(counts) for i in range(n)}
+
+
+def resume_helper(root, cache, *, before, after, checkpoint, env_before=None, env_after=None):
+    """Run `before` loader(s) to `checkpoint` batches, save, resume with `after`; return keys."""
+    loader = make_loader(root, cache, **before)
+    first = run_epoch(loader, stop_after=checkpoint)
+    state = json.loads(json.dumps(loader.state_dict()))
+    resumed = make_loader(root, cache, **after)
+    resumed.load_state_dict(state)
+    return flat(first), flat(run_epoch(resumed))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    counts=st.lists(st.integers(0, 9), min_size=1, max_size=6),
+    batch_size=st.integers(1, 4),
+    num_workers=st.sampled_from([0, 1, 2, 3]),
+    shuffle=st.booleans(),
+    checkpoint=st.integers(0, 30),
+    data=st.data(),
+)
+def test_resume_same_config_is_identical(
+    tmp_path_factory, counts, batch_size, num_workers, shuffle, checkpoint, data
+):
+    root = tmp_path_factory.mktemp("ds")
+    expected = write(root, counts)
+    cache = root / "cache"
+    config = {"num_workers": num_workers, "batch_size": batch_size, "shuffle": shuffle}
+    full = flat(run_epoch(make_loader(root, cache, **config)))
+    assert sorted(full) == sorted(expected)
+    before, after = resume_helper(root, cache, before=config, after=config, checkpoint=checkpoint)
+    assert before + after == full
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    counts=st.lists(st.integers(0, 9), min_size=1, max_size=6),
+    batch_size=st.integers(1, 4),
+    workers=st.tuples(st.sampled_from([0, 1, 2, 3]), st.sampled_from([0, 1, 2, 3])),
+    checkpoint=st.integers(0, 30),
+)
+def test_elastic_num_workers_is_exactly_once(
+    tmp_path_factory, counts, batch_size, workers, checkpoint
+):
+    root = tmp_path_factory.mktemp("ds")
+    expected = write(root, counts)
+    before, after = resume_helper(
+        root,
+        root / "cache",
+        before={"num_workers": workers[0], "batch_size": batch_size},
+        after={"num_workers": workers[1], "batch_size": batch_size},
+        checkpoint=checkpoint,
+    )
+    assert sorted(before + after) == sorted(expected)
+
+
+def _per_rank(monkeypatch, root, world_size, fn):
+    out = []
+    for rank in range(world_size):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        out.append(fn(rank))
+    return out
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    counts=st.lists(st.integers(0, 8), min_size=1, max_size=7),
+    worlds=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    num_workers=st.sampled_from([0, 2]),
+    checkpoints=st.lists(st.integers(0, 12), min_size=3, max_size=3),
+)
+def test_elastic_world_size_is_exactly_once(
+    tmp_path_factory, counts, worlds, num_workers, checkpoints
+):
+    from wdsfs.loader import merge_state_dicts
+
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        root = tmp_path_factory.mktemp("ds")
+        expected = write(root, counts)
+        cache = root / "cache"
+        config = {"num_workers": num_workers, "batch_size": 2}
+        delivered = []
+
+        def first(rank):
+            loader = make_loader(root, cache, **config)
+            delivered.extend(flat(run_epoch(loader, stop_after=checkpoints[rank])))
+            return loader.state_dict()
+
+        merged = merge_state_dicts(_per_rank(monkeypatch, root, worlds[0], first))
+
+        def second(rank):
+            loader = make_loader(root, cache, **config)
+            loader.load_state_dict(merged)
+            return flat(run_epoch(loader))
+
+        after = [k for keys in _per_rank(monkeypatch, root, worlds[1], second) for k in keys]
+        assert sorted(delivered + after) == sorted(expected)
+    finally:
+        monkeypatch.undo()
+
+
+def test_state_is_small_and_json(tmp_path):
+    write(tmp_path / "ds", [50] * 20)
+    loader = make_loader(
+        tmp_path / "ds", tmp_path / "c", num_workers=2, batch_size=8, buffer_size=10
+    )
+    run_epoch(loader, stop_after=40)
+    size = len(json.dumps(loader.state_dict()))
+    assert size < 4000, size
+
+
+def test_end_of_epoch_checkpoint_starts_the_next_epoch(tmp_path):
+    expected = write(tmp_path / "ds", [3, 4])
+    loader = make_loader(tmp_path / "ds", tmp_path / "c", num_workers=1, batch_size=2)
+    assert sorted(flat(run_epoch(loader))) == sorted(expected)
+    state = loader.state_dict()
+    assert state["finished"] and state["epoch"] == 0
+    resumed = make_loader(tmp_path / "ds", tmp_path / "c", num_workers=1, batch_size=2)
+    resumed.load_state_dict(state)
+    assert resumed.dataset.epoch == 1
+    again = flat(run_epoch(resumed))
+    assert sorted(again) == sorted(expected)
+
+
+def test_state_from_another_dataset_is_refused(tmp_path):
+    write(tmp_path / "a", [3, 3])
+    write(tmp_path / "b", [3, 4])
+    loader = make_loader(tmp_path / "a", tmp_path / "c", num_workers=0, batch_size=2)
+    run_epoch(loader, stop_after=1)
+    other = make_loader(tmp_path / "b", tmp_path / "c", num_workers=0, batch_size=2)
+    with pytest.raises(StateMismatchError, match="another dataset"):
+        other.load_state_dict(loader.state_dict())
+    reseeded = make_loader(tmp_path / "a", tmp_path / "c", num_workers=0, batch_size=2, seed=99)
+    with pytest.raises(StateMismatchError, match="seed"):
+        reseeded.load_state_dict(loader.state_dict())
+    with pytest.raises(StateMismatchError):
+        other.load_state_dict({"format": "something else"})
+
+
+def test_default_collate_batches_are_untouched(tmp_path):
+    write(tmp_path / "ds", [5])
+    ds = StreamingWebDataset(
+        str(tmp_path / "ds"), decode={"cls": "int", "txt": "text"}, cache_dir=str(tmp_path / "c")
+    )
+    batches = list(StreamingDataLoader(ds, batch_size=2, num_workers=2))
+    assert [b["cls"].tolist() for b in batches] == [[0, 1], [2, 3], [4]]
+    assert set(batches[0]) == {"__key__", "__url__", "txt", "cls", "json", "bin"}
+
+
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch.distributed as dist
+    from wdsfs import StreamingDataLoader, StreamingWebDataset, gather_state_dict
+    root, out, phase = sys.argv[1], sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    ds = StreamingWebDataset(root, shuffle=True, seed=11, buffer_size=4,
+                             cache_dir=os.path.join(out, "cache"))
+    loader = StreamingDataLoader(ds, batch_size=3, num_workers=2,
+                                 collate_fn=lambda s: [x["__key__"] for x in s])
+    keys = []
+    if phase == "first":
+        for i, batch in enumerate(loader):
+            keys += batch
+            if i == 2 + rank:
+                break
+        state = gather_state_dict(loader)
+        if rank == 0:
+            with open(os.path.join(out, "state.json"), "w") as f:
+                json.dump(state, f)
+    else:
+        with open(os.path.join(out, "state.json")) as f:
+            loader.load_state_dict(json.load(f))
+        for batch in loader:
+            keys += batch
+    with open(os.path.join(out, f"{phase}-{rank}.json"), "w") as f:
+        json.dump(keys, f)
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_torch_distributed_checkpoint_then_resume_on_one_process(tmp_path):
+    from tests.servers import free_port
+
+    expected = write(tmp_path / "ds", [7, 6, 5, 4, 3])
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    for phase, nproc in (("first", 2), ("second", 1)):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), str(tmp_path / "ds"), str(tmp_path), phase],
+                env={**env, "RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(r)},
+                cwd=ROOT,
+            )
+            for r in range(nproc)
+        ]
+        assert [p.wait(timeout=120) for p in procs] == [0] * nproc
+    before = [k for r in range(2) for k in json.loads((tmp_path / f"first-{r}.json").read_text())]
+    after = json.loads((tmp_path / "second-0.json").read_text())
+    assert len(before) == 3 * 3 + 4 * 3
+    assert sorted(before + after) == sorted(expected)
