@@ -46,11 +46,11 @@ import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, cast
 
 from wdsfs.errors import CorruptShardError
 
-__all__ = ["COMPRESSIONS", "TAR_SUFFIXES", "count_samples", "read_samples"]
+__all__ = ["COMPRESSIONS", "TAR_SUFFIXES", "BinaryFile", "count_samples", "read_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +91,13 @@ _MAGIC = (
 )
 
 Sample = dict[str, object]
+#: What the reader accepts: any binary file object with ``read`` (``open(..., "rb")``, fsspec
+#: files, ``io.BytesIO``, raw streams).
+BinaryFile = IO[bytes] | io.RawIOBase | io.BufferedIOBase
 
 
 def read_samples(
-    fileobj: IO[bytes],
+    fileobj: BinaryFile,
     *,
     url: str,
     compression: str | None = None,
@@ -139,7 +142,7 @@ def read_samples(
     return _read(fileobj, url, compression, select, stop, strict_end)
 
 
-def count_samples(fileobj: IO[bytes], *, url: str, compression: str | None = None) -> int:
+def count_samples(fileobj: BinaryFile, *, url: str, compression: str | None = None) -> int:
     """Count the samples of a shard, reading (or seeking over) all of it once.
 
     Args:
@@ -175,7 +178,7 @@ def compression_from_url(url: str) -> str | None:
 
 
 def _read(
-    fileobj: IO[bytes],
+    fileobj: BinaryFile,
     url: str,
     compression: str | None,
     select: Callable[[int], bool] | None,
@@ -185,10 +188,11 @@ def _read(
     if stop == 0:
         return
     head = b""
+    source = cast(IO[bytes], fileobj)
     if compression is None:  # sniff, as tarfile.open(mode="r|*")
-        head = _read_exact(fileobj.read, 6)
+        head = _read_exact(source.read, 6)
         compression = next((kind for magic, kind in _MAGIC if head.startswith(magic)), "none")
-        if compression == "bz2" and head[3:4] not in b"123456789":
+        if compression == "bz2" and not (len(head) > 3 and head[3] in b"123456789"):
             compression = "none"
     wrapper: io.BufferedReader | None = None
     stream: IO[bytes]
@@ -197,10 +201,10 @@ def _read(
         if isinstance(fileobj, io.RawIOBase):
             stream = wrapper = io.BufferedReader(fileobj, 1 << 16)
         else:
-            stream = fileobj
+            stream = source
         seekable = stream.seekable()
     else:
-        raw = _Decompressing(fileobj, _factory(compression), head, url, compression)
+        raw = _Decompressing(source, _factory(compression), head, url, compression)
         stream = wrapper = io.BufferedReader(raw, 1 << 18)
         head = b""
     parser = _Parser(stream, url, head, seekable)
