@@ -299,6 +299,7 @@ class _Parser:
             if len(block) != pad + _BLOCK:
                 block = _read_more(read, block, pad + _BLOCK)
                 if len(block) < pad:
+                    self.check_seeked_end(hoff, name)
                     raise self.error(
                         "truncated tar: the file ends inside the padding of a member", hoff, name
                     )
@@ -464,12 +465,7 @@ class _Parser:
             raise self.error("truncated tar: the file ends inside a header", self.offset)
         if pending:
             raise self.error("truncated tar: extended header not followed by a member", first)
-        if self.seeked:  # seeking past the end of a file succeeds: check its real size
-            end = self.stream.seek(0, io.SEEK_END) - self.start
-            if end < self.offset:
-                raise self.error(
-                    f"truncated tar: the file ends at byte {end}, inside member data", self.offset
-                )
+        self.check_seeked_end(first, None)
         if self.offset == 0:
             raise self.error("empty file, not a tar archive", 0)
         if strict_end:
@@ -480,6 +476,17 @@ class _Parser:
             self.url,
             self.offset,
         )
+
+    def check_seeked_end(self, hoff: int, name: str | None) -> None:
+        """Seeking past the end of a file succeeds: after a short read, check the real size."""
+        if self.seeked:
+            end = self.stream.seek(0, io.SEEK_END) - self.start
+            if end < self.offset:
+                raise self.error(
+                    f"truncated tar: the file ends at byte {end}, inside skipped member data",
+                    hoff,
+                    name,
+                )
 
     def end_marker(self) -> None:
         """After a first zero block: accept a second one or the end of the file."""
