@@ -26,8 +26,9 @@ without; see ``benchmarks/bench_stream.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Literal, Protocol
 
 from wdsfs.errors import StateMismatchError
@@ -96,12 +97,16 @@ class ReaderState:
     passes: int = 0
 
     def to_json(self) -> dict[str, object]:
-        """A JSON-serialisable dict (``json.dumps`` works on it as is)."""
+        """A JSON-serialisable dict (``json.dumps`` works on it as is).
+
+        The buffer is one flat list ``[shard0, index0, shard1, index1, ...]``: with thousands of
+        buffered samples this is several times faster to build and encode than nested pairs.
+        """
         return {
             "v": _STATE_VERSION,
             "item": self.item,
             "next_index": self.next_index,
-            "buffer": [[s, i] for s, i in self.buffer],
+            "buffer": list(chain.from_iterable(self.buffer)),
             "rng": self.rng,
             "delivered": self.delivered,
             "passes": self.passes,
@@ -123,17 +128,15 @@ class ReaderState:
                 raise StateMismatchError(f"reader state: {name} must be an int >= 0, got {value!r}")
             counters[name] = value
         raw = data.get("buffer")
-        buffer: list[SampleId] = []
-        if not isinstance(raw, list):
-            raise StateMismatchError(f"reader state: buffer must be a list, got {raw!r:.200}")
-        for entry in raw:
-            if (
-                not isinstance(entry, (list, tuple))
-                or len(entry) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in entry)
-            ):
-                raise StateMismatchError(f"reader state: bad buffered sample {entry!r}")
-            buffer.append((entry[0], entry[1]))
+        if (
+            not isinstance(raw, list)
+            or len(raw) % 2
+            or not all(type(x) is int and x >= 0 for x in raw)
+        ):
+            raise StateMismatchError(
+                f"reader state: buffer must be a flat list of shard, index ints, got {raw!r:.200}"
+            )
+        buffer: list[SampleId] = list(zip(raw[::2], raw[1::2], strict=True))
         return cls(buffer=buffer, **counters)
 
 
@@ -229,8 +232,10 @@ class ReaderStream:
             passes=self._passes,
         )
 
-    def __iter__(self) -> Iterator[Sample]:
+    def __iter__(self) -> Generator[Sample, None, None]:
         """Yield the samples (unchanged, as ``read`` made them). A stream iterates once.
+
+        Closing the generator (``break``, ``close()``) closes the shard being read.
 
         Raises:
             RuntimeError: If iterated a second time.
@@ -261,7 +266,7 @@ class ReaderStream:
             )
         self._buffer.restore([(key, found[key]) for key in state.buffer], state.rng)
 
-    def _run(self) -> Iterator[Sample]:
+    def _run(self) -> Generator[Sample, None, None]:
         quota = self._quota
         if quota is not None and self._delivered >= quota:
             return
