@@ -38,16 +38,15 @@ sequential pass with bounded memory. GNU sparse members are not supported.
 
 from __future__ import annotations
 
-import bz2
 import io
 import logging
-import lzma
 import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from typing import IO, Any, Protocol, cast
+from typing import IO, cast
 
+from wdsfs._decompress import Decompressing, decompressor_factory, zstd_factory
 from wdsfs.errors import CorruptShardError
 
 __all__ = ["COMPRESSIONS", "TAR_SUFFIXES", "BinaryFile", "count_samples", "read_samples"]
@@ -73,7 +72,7 @@ COMPRESSIONS: tuple[str, ...] = ("none", "gzip", "bz2", "xz", "zstd")
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
-_CHUNK = 1 << 20  # compressed input read per call, and discard size when skipping
+_CHUNK = 1 << 20  # discard size when skipping data that cannot be seeked over
 _REGULAR = frozenset(b"0\x0007")  # tarfile.REGULAR_TYPES without GNU sparse
 # tarfile.SUPPORTED_TYPES that carry no data of their own (links, dirs, devices, fifos)
 _NO_DATA = frozenset(b"123456")
@@ -138,7 +137,7 @@ def read_samples(
     elif compression not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
     if compression == "zstd":
-        _zstd_factory()  # fail now, with the install hint
+        zstd_factory()  # fail now, with the install hint
     return _read(fileobj, url, compression, select, stop, strict_end)
 
 
@@ -204,7 +203,7 @@ def _read(
             stream = source
         seekable = stream.seekable()
     else:
-        raw = _Decompressing(source, _factory(compression), head, url, compression)
+        raw = Decompressing(source, decompressor_factory(compression), head, url, compression)
         stream = wrapper = io.BufferedReader(raw, 1 << 18)
         head = b""
     parser = _Parser(stream, url, head, seekable)
@@ -359,19 +358,23 @@ class _Parser:
 
     def header(self, block: bytes, offset: int) -> tuple[str, int, int]:
         """Check one ustar/GNU/v7 header block; return (name, type flag, size)."""
+        field = block[148:156]
+        end = field.find(0)
         try:
-            chksum = int(_nts_bytes(block[148:156]).strip() or b"0", 8)
+            chksum = int((field if end < 0 else field[:end]).strip() or b"0", 8)
         except ValueError:
             raise self.error("not a tar header (bad checksum field)", offset) from None
         if block.count(0) >= 256:  # byte sum < 65521: adler32's low half is 1 + sum, in C
             unsigned = ((zlib.adler32(block) & 0xFFFF) - 1) % 65521
         else:
             unsigned = sum(block)
-        unsigned += 256 - sum(block[148:156])
-        if chksum != unsigned and chksum != sum(_SIGNED.unpack(block)) + 256:
+        if chksum != unsigned + 256 - sum(field) and chksum != sum(_SIGNED.unpack(block)) + 256:
             raise self.error("bad tar header checksum (corrupt or not a tar file)", offset)
         flag = block[156]
-        raw = _nts_bytes(block[:100])
+        raw = block[:100]
+        end = raw.find(0)
+        if end >= 0:
+            raw = raw[:end]
         if flag == 0 and raw.endswith(b"/"):
             flag = 0x35  # a v7 directory, as tarfile reads it
         if block[124] & 0x80:
@@ -379,8 +382,10 @@ class _Parser:
                 raise self.error("negative member size", offset)
             size = int.from_bytes(block[125:136], "big")
         else:
+            field = block[124:136]
+            end = field.find(0)
             try:
-                size = int(_nts_bytes(block[124:136]).strip() or b"0", 8)
+                size = int((field if end < 0 else field[:end]).strip() or b"0", 8)
             except ValueError:
                 raise self.error("bad size field in tar header", offset) from None
             if size < 0:
@@ -547,167 +552,3 @@ def _read_more(read: Callable[[int], bytes], data: bytes, size: int) -> bytes:
         parts.append(more)
         have += len(more)
     return b"".join(parts)
-
-
-class _Decompressor(Protocol):
-    """What the stdlib decompressor objects (bz2, lzma, compression.zstd) have in common."""
-
-    @property
-    def eof(self) -> bool: ...  # pragma: no cover
-
-    @property
-    def needs_input(self) -> bool: ...  # pragma: no cover
-
-    @property
-    def unused_data(self) -> bytes: ...  # pragma: no cover
-
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...  # pragma: no cover
-
-
-class _Gzip:
-    """zlib's gzip decompressor with the bz2/lzma interface (bounded output)."""
-
-    def __init__(self) -> None:
-        self._d = zlib.decompressobj(wbits=31)
-        self._tail = b""
-
-    @property
-    def eof(self) -> bool:
-        return self._d.eof
-
-    @property
-    def needs_input(self) -> bool:
-        return not self._tail
-
-    @property
-    def unused_data(self) -> bytes:
-        return self._d.unused_data
-
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
-        out = self._d.decompress(self._tail + data if self._tail else data, max(max_length, 0))
-        self._tail = self._d.unconsumed_tail
-        return out
-
-
-class _Zstandard:
-    """The ``zstandard`` package's decompressor with the bz2/lzma interface."""
-
-    def __init__(self, module: Any) -> None:
-        self._d = module.ZstdDecompressor().decompressobj()
-
-    @property
-    def eof(self) -> bool:
-        return bool(self._d.eof)
-
-    @property
-    def needs_input(self) -> bool:
-        return True
-
-    @property
-    def unused_data(self) -> bytes:
-        return bytes(self._d.unused_data)
-
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
-        return bytes(self._d.decompress(data))
-
-
-_Factory = tuple[Callable[[], _Decompressor], tuple[type[Exception], ...]]
-
-
-def _zstd_factory() -> _Factory:
-    try:
-        from compression import zstd  # type: ignore[import-not-found, unused-ignore]
-
-        return zstd.ZstdDecompressor, (zstd.ZstdError, EOFError)
-    except ImportError:
-        pass
-    try:
-        import zstandard
-    except ImportError:
-        raise ImportError(
-            "reading .tar.zst shards needs Python 3.14+ or zstandard: pip install zstandard"
-        ) from None
-    return (lambda: _Zstandard(zstandard)), (zstandard.ZstdError,)
-
-
-def _factory(kind: str) -> _Factory:
-    if kind == "gzip":
-        return _Gzip, (zlib.error,)
-    if kind == "bz2":
-        return bz2.BZ2Decompressor, (OSError, EOFError)
-    if kind == "xz":
-        return lzma.LZMADecompressor, (lzma.LZMAError, EOFError)
-    return _zstd_factory()
-
-
-class _Decompressing(io.RawIOBase):
-    """A raw stream of the decompressed bytes of ``fileobj`` (concatenated streams too).
-
-    Errors of the raw ``fileobj.read`` pass unchanged; errors of the decompressor become
-    :class:`CorruptShardError`, as does a stream that ends before its end marker.
-    """
-
-    def __init__(
-        self, fileobj: IO[bytes], factory: _Factory, head: bytes, url: str, kind: str
-    ) -> None:
-        super().__init__()
-        self._fp = fileobj
-        self._new, self._errors = factory
-        self._dec = self._new()
-        self._input = head
-        self._out = memoryview(b"")
-        self._done = False
-        self._url = url
-        self._kind = kind
-        self._raw_offset = 0  # compressed bytes read, for messages
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        if not self._out:
-            self._fill(len(view))
-        n = min(len(view), len(self._out))
-        view[:n] = self._out[:n]
-        self._out = self._out[n:]
-        return n
-
-    def _fill(self, max_length: int) -> None:
-        while not self._done:
-            if self._dec.eof:
-                self._next_stream()
-                continue
-            data = self._input
-            self._input = b""
-            if not data and self._dec.needs_input:
-                data = self._fp.read(_CHUNK)
-                self._raw_offset += len(data)
-                if not data:
-                    raise self._error("the compressed stream ends before its end marker")
-            try:
-                out = self._dec.decompress(data, max_length)
-            except self._errors as exc:
-                raise self._error(f"corrupt compressed data: {exc}") from exc
-            if out:
-                self._out = memoryview(out)
-                return
-
-    def _next_stream(self) -> None:
-        """After one stream ends: skip zero padding, start on a concatenated stream or stop."""
-        rest = (self._dec.unused_data + self._input).lstrip(b"\0")
-        while not rest:
-            data = self._fp.read(_CHUNK)
-            self._raw_offset += len(data)
-            if not data:
-                self._done = True
-                return
-            rest = data.lstrip(b"\0")
-        self._dec = self._new()
-        self._input = rest
-
-    def _error(self, what: str) -> CorruptShardError:
-        return CorruptShardError(
-            f"{self._url}: {self._kind}: {what} (near compressed byte {self._raw_offset})",
-            url=self._url,
-        )
