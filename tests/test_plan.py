@@ -25,7 +25,7 @@ from wdsfs.plan import (
     shard_order,
 )
 
-FAST = settings(deadline=None, max_examples=200)
+FAST = settings(deadline=None, max_examples=500)
 
 counts_st = st.lists(st.integers(0, 20), min_size=1, max_size=40)
 readers_st = st.integers(1, 12)

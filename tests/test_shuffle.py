@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from wdsfs.shuffle import CounterRNG, ShuffleBuffer, derive_seed, sample_nbytes
 
-FAST = settings(deadline=None, max_examples=200)
+FAST = settings(deadline=None, max_examples=300)
 
 sizes_st = st.lists(st.integers(0, 50), max_size=60)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from wdsfs.errors import StateMismatchError
 from wdsfs.plan import WorkItem, plan_epoch, plan_resume, redistribute
 from wdsfs.stream import ReaderState, ReaderStream, reader_seed
 
-FAST = settings(deadline=None, max_examples=150)
+FAST = settings(deadline=None, max_examples=400)
 
 Sample = dict[str, object]
 
@@ -275,6 +276,52 @@ def test_elastic_resume_delivers_every_sample_exactly_once(
     assert sorted(before + again) == everything
 
 
+@FAST
+@given(
+    st.lists(st.integers(0, 8), min_size=1, max_size=6),
+    st.integers(1, 4),
+    st.integers(1, 4),
+    st.integers(0, 4),
+    st.sampled_from(["drop", "repeat"]),
+    st.data(),
+)
+def test_elastic_resume_with_quotas_never_delivers_a_sample_twice_in_a_pass(
+    counts: list[int],
+    old: int,
+    new: int,
+    buffer_size: int,
+    policy: str,
+    data: st.DataObject,
+) -> None:
+    """Old readers stopped anywhere, also past their quota or in a repeat pass: the new readers
+    deliver exactly what the old ones had not delivered in their first pass."""
+    shards = MemoryShards(counts)
+    plan = plan_epoch(len(counts), old)
+    first_pass: list[tuple[int, int]] = []
+    states: list[ReaderState | None] = []
+    for r, items in enumerate(plan):
+        total = len(shards.all_keys(items))
+        quota = data.draw(st.integers(0, 2 * total)) if total or policy == "drop" else 0
+        stream = ReaderStream(
+            items,
+            shards,
+            buffer_size=buffer_size,
+            seed=r,
+            quota=quota,
+            policy=policy,  # type: ignore[arg-type]
+        )
+        got = [key(s) for s in itertools.islice(stream, data.draw(st.integers(0, quota)))]
+        first_pass += got[:total]
+        states.append(stream.state())
+    after = [
+        key(s)
+        for items in redistribute(plan, states, new)
+        for s in ReaderStream(items, shards, buffer_size=buffer_size)
+    ]
+    everything = [(s, i) for s, n in enumerate(counts) for i in range(n)]
+    assert sorted(first_pass + after) == everything
+
+
 # ------------------------------------------------------------------------------- quotas
 
 
@@ -432,3 +479,27 @@ def test_counts_by_key() -> None:
         (0, 3): 1,
         (0, 5): 1,
     }
+
+
+@FAST
+@given(stream_config(), st.data())
+def test_state_after_a_read_error_resumes_exactly(
+    config: dict[str, Any], data: st.DataObject
+) -> None:
+    """A read that fails anywhere leaves a state from which a retry continues exactly."""
+    full = [key(s) for s in maker(config)(None)]
+    keys = MemoryShards(config["counts"]).all_keys(config["items"])
+    if not keys:
+        return
+    fail_at = data.draw(st.sampled_from(keys))
+    kwargs = {k: v for k, v in config.items() if k not in ("counts", "items")}
+    failing = MemoryShards(config["counts"], fail_at=fail_at)
+    stream = ReaderStream(config["items"], failing, **kwargs)
+    got = []
+    with pytest.raises(OSError, match="read failed"):
+        for sample in stream:
+            got.append(key(sample))
+    state = state_roundtrip(stream.state())
+    healthy = MemoryShards(config["counts"])
+    rest = [key(s) for s in ReaderStream(config["items"], healthy, state=state, **kwargs)]
+    assert got + rest == full

@@ -9,19 +9,22 @@ stream yields) as many samples as needed to make room for it, then it is added. 
 are exhausted the buffer is drained. With a ``quota`` the stream stops after ``quota`` samples
 (``"drop"``), or starts again from the first item until it has yielded ``quota`` (``"repeat"``).
 
-The stream only ever stops at a yield, and there its position is fully described by a small
-:class:`ReaderState`: the current item, the index of the sample that waits to be added (the next
-one to read), the keys ``(shard, index)`` of the buffered samples in slot order, the buffer's RNG
-counter, the samples yielded and the completed passes. Restoring re-reads the buffered samples
-(one ``read`` call per shard, selecting exactly those indices), puts them back in their slots,
-sets the RNG counter and reads on from ``(item, next_index)``. Since every decision of the buffer
-depends only on its slots, its counter and the samples read next, **a stream resumed from the state
-taken after any number of samples yields exactly the rest of the uninterrupted stream, in the same
-order** (given the same items, seed, buffer size and byte bound, and shards that read the same).
+At every yield, and after a failed ``read`` too, the stream's position is fully described by a
+small :class:`ReaderState`: the current item, the next sample index to read from it (at a yield,
+the sample waiting for the slot just freed), the keys ``(shard, index)`` of the buffered samples
+in slot order, the buffer's RNG counter, the samples yielded and the completed passes. Restoring
+re-reads the buffered samples (one ``read`` call per shard, selecting exactly those indices), puts
+them back in their slots, sets the RNG counter and reads on from ``(item, next_index)``. Since every
+decision of the buffer depends only on its slots, its counter and the samples read next, **a
+stream resumed from the state taken after any number of samples yields exactly the rest of the
+uninterrupted stream, in the same order** (given the same items, seed, buffer size and byte bound,
+and shards that read the same). Work items must be disjoint (plans always are).
 Taking a state costs O(buffer size) and it serialises to a small JSON object.
 
-Per-sample overhead (CPython 3.11, x86-64, in-memory reads): ~1 us with a shuffle buffer, ~0.6 us
-without; see ``benchmarks/bench_stream.py``.
+Measured on CPython 3.11, x86-64, in-memory reads of 200,000 samples: the stream adds ~0.4 us per
+sample without shuffling, ~1.0 us with a 1,000-sample buffer, ~1.6 us with ``max_buffer_bytes``
+too (sizing every sample). With 1,000 samples buffered, :meth:`ReaderStream.state` takes ~8 us,
+``to_json`` ~40 us.
 """
 
 from __future__ import annotations
@@ -219,7 +222,9 @@ class ReaderStream:
     def state(self) -> ReaderState:
         """The state after the last yielded sample (O(buffer size)).
 
-        Pass it to a new stream with the same arguments to continue exactly from here.
+        Pass it to a new stream with the same arguments to continue exactly from here. The state
+        is also valid after ``read`` raised: it then includes the samples read since the last
+        yield (in the buffer), and resuming from it continues exactly as if nothing had failed.
         """
         if self._initial is not None:
             return self._initial
@@ -305,6 +310,7 @@ class ReaderStream:
                                 if self._delivered == quota:
                                     return
                             buf.add((shard, index), sample, nbytes)
+                            self._next_index = index + 1  # state() is valid between yields too
                     finally:
                         close = getattr(samples, "close", None)
                         if close is not None:
