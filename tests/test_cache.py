@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -26,7 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*.val"))
+    total = 0
+    for root, _dirs, files in os.walk(path):  # tolerant of concurrent eviction
+        for name in files:
+            if name.endswith(".val"):
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(os.path.join(root, name)).st_size
+    return total
 
 
 def test_cache_limit_parsing(tmp_path):
@@ -100,14 +107,16 @@ _SHARED_FETCH = textwrap.dedent(
     from wdsfs.cache import ShardCache
     from wdsfs.download import Fetcher
     from wdsfs.shard import Shard
-    url, cache_dir, options, barrier_file = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    url, cache_dir, barrier_file = sys.argv[1], sys.argv[2], sys.argv[4]
+    options = json.loads(sys.argv[3])
     import os, time
     while not os.path.exists(barrier_file):
         time.sleep(0.005)
     with Fetcher(ShardCache(cache_dir), storage_options=options) as fetcher:
         with fetcher.fetch(Shard(url)) as fetched:
             data = fetched.file.read()
-    print(json.dumps({"misses": fetcher.metrics.misses, "hits": fetcher.metrics.hits, "size": len(data)}))
+    metrics = fetcher.metrics
+    print(json.dumps({"misses": metrics.misses, "hits": metrics.hits, "size": len(data)}))
     """
 )
 
@@ -124,9 +133,19 @@ def test_processes_sharing_a_cache_download_once(s3_bucket, fault_proxy, tmp_pat
     barrier = tmp_path / "go"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _SHARED_FETCH, s3_bucket.join("shard-000000.tar"),
-             str(tmp_path / "c"), json.dumps(options), str(barrier)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            [
+                sys.executable,
+                "-c",
+                _SHARED_FETCH,
+                s3_bucket.join("shard-000000.tar"),
+                str(tmp_path / "c"),
+                json.dumps(options),
+                str(barrier),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
         )
         for _ in range(3)
     ]
@@ -168,8 +187,14 @@ def test_sigkill_mid_download_leaves_a_usable_cache(s3_bucket, fault_proxy, tmp_
     options = s3_bucket.options_for(proxy.endpoint_url)
     cache_dir = tmp_path / "c"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_FETCH, s3_bucket.join("shard-000000.tar"), str(cache_dir),
-         json.dumps(options)],
+        [
+            sys.executable,
+            "-c",
+            _KILLED_FETCH,
+            s3_bucket.join("shard-000000.tar"),
+            str(cache_dir),
+            json.dumps(options),
+        ],
         cwd=ROOT,
     )
     deadline = time.monotonic() + 60

@@ -28,7 +28,8 @@ def test_prefix_lists_tar_shards_recursively_in_order(remote):
         remote.join("b/shard-000001.tar"),
         remote.join("c/shard-000003.tgz"),
     ]
-    assert all(s.size and s.size > 0 for s in shards)
+    if remote.protocol != "http":  # an HTTP directory page gives no sizes (a HEAD does, later)
+        assert all(s.size and s.size > 0 for s in shards)
     assert count_shards(remote.url, remote.storage_options) == 4
 
 

@@ -230,10 +230,22 @@ class ShardCache:
         if final is not None:
             handle.close()
             handle = final
-        evicted = self._db.cull()
-        if evicted:
-            logger.debug("evicted %d shards to stay under %d bytes", evicted, self.cache_limit)
+        self._evict(keep=key)
         return handle
+
+    def _evict(self, keep: str) -> None:
+        """Evict least-recently-used shards, one at a time, until under the limit.
+
+        (diskcache's own ``cull`` evicts in batches of ten and may drop the entry just written.)
+        """
+        while self._db.volume() > self.cache_limit:
+            rows = self._db._sql(
+                "SELECT key FROM Cache WHERE key != ? ORDER BY access_time LIMIT 1", (keep,)
+            ).fetchall()
+            if not rows:
+                return
+            logger.debug("evicting %s to stay under %d bytes", rows[0][0], self.cache_limit)
+            self._db.delete(rows[0][0])
 
     @contextlib.contextmanager
     def lock(self, key: str, stop_event: threading.Event | None = None) -> Iterator[None]:

@@ -421,6 +421,8 @@ class Fetcher:
         return written
 
     def _final_error(self, exc: BaseException, url: str, attempt: int) -> WdsfsError:
+        if "checksum" in str(exc).lower():  # e.g. botocore's response checksum validation
+            return IntegrityError(f"{url}: checksum mismatch while downloading: {exc}", url=url)
         error = translate_error(exc, url, "downloading")
         if attempt > 1 and type(error) is DownloadError:
             return DownloadError(f"{error} (gave up after {attempt} attempts)", url=url)

@@ -11,8 +11,10 @@ travel to DataLoader workers (fork or spawn).
 from __future__ import annotations
 
 import base64
+import datetime
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from braceexpand import braceexpand
@@ -67,6 +69,7 @@ class Source:
         if profile is not None:
             options["profile"] = profile
         self.remotes = [r.strip() for r in remotes]
+        self.is_list = not isinstance(remote, str)
         self.split = split.strip("/") if split else None
         self.storage_options = options
         self._shards: list[Shard] | None = None
@@ -114,7 +117,7 @@ class Source:
         return list(self._shards)
 
     def _resolve(self) -> list[Shard]:
-        is_list = len(self.remotes) > 1
+        is_list = self.is_list
         if self.split and (is_list or "{" in self.remotes[0]):
             raise ValueError("split= applies to a prefix remote, not to a list or brace pattern")
         shards: list[Shard] = []
@@ -132,14 +135,14 @@ class Source:
     def _explicit(self, url: str) -> Shard:
         if not is_shard_name(url):
             raise ValueError(f"{url}: not a tar shard name (expected one of {_tar_suffixes()})")
-        fs, path = url_to_fs(url, self.storage_options)
-        return Shard(url=full_url(fs, path))
+        url_to_fs(url, self.storage_options)  # a clear error now for an unknown protocol
+        return Shard(url=url)
 
     def _list_prefix(self, prefix: str) -> list[Shard]:
         from wdsfs.index import INDEX_NAME, parse_index
 
         fs, path = url_to_fs(prefix, self.storage_options)
-        base = full_url(fs, path.rstrip("/"))
+        base = prefix.rstrip("/")  # URLs keep the spelling the user gave
         index_url = f"{base}/{INDEX_NAME}"
         try:
             data = fs.cat_file(f"{path.rstrip('/')}/{INDEX_NAME}")
@@ -164,7 +167,14 @@ class Source:
             ),
             key=lambda info: str(info["name"]),
         )
-        return [shard_from_info(fs, info) for info in infos]
+        root = path.rstrip("/")
+        return [
+            replace(shard, url=base + str(info["name"])[len(root) :])
+            if str(info["name"]).startswith(root + "/")
+            else shard
+            for info in infos
+            for shard in (shard_from_info(fs, info),)
+        ]
 
     @staticmethod
     def _check_location(fs: AbstractFileSystem, path: str, prefix: str) -> None:
@@ -218,9 +228,14 @@ def shard_from_info(fs: AbstractFileSystem, info: Mapping[str, Any]) -> Shard:
         or etag
         or info.get("mtime")
         or info.get("LastModified")
+        or info.get("Last-Modified")
         or info.get("last_modified")
         or info.get("created")
     )
+    if isinstance(
+        version, datetime.datetime
+    ):  # memory:// gives floats in find(), datetimes in info()
+        version = version.timestamp()
     version_text = (
         f"{size}-{version}" if version is not None else (str(size) if size is not None else None)
     )
