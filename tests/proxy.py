@@ -19,7 +19,8 @@ What it does, and why this way:
   100-continue`` is answered by the proxy itself.
 - Responses are parsed by ``http.client`` (status, headers, body by length or chunked, no body
   for HEAD/204/304) and sent on in 256 KiB pieces with ``Content-Length`` kept, so the proxy
-  is not the bottleneck (~1 GB/s on loopback, see test_servers.py).
+  is not the bottleneck (~1.4 GB/s through it on loopback, against ~2.6 GB/s direct; moto
+  itself serves ~200 MB/s).
 - Faults apply to the next *n* requests that match (``only_get``, ``path_contains``), first
   armed first used, one fault per request; ``injected`` counts those applied.
 - Throttling paces each response body separately (a per-connection link speed, like S3's
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import socket
 import struct
 import threading
@@ -41,7 +43,7 @@ from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import TracebackType
-from typing import BinaryIO, Literal
+from typing import Literal, cast
 from urllib.parse import urlsplit
 
 PIECE = 256 * 1024
@@ -339,7 +341,7 @@ class FaultProxy:
             thread.start()
 
     def _serve(self, serial: int, client: socket.socket) -> None:
-        reader = client.makefile("rb", buffering=self._piece)
+        reader = cast(io.BufferedReader, client.makefile("rb", buffering=self._piece))
         upstream: http.client.HTTPConnection | None = None
         abort = False
         try:
@@ -533,14 +535,14 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def _read_line(reader: BinaryIO) -> bytes:
+def _read_line(reader: io.BufferedReader) -> bytes:
     line = reader.readline(MAX_LINE + 1)
     if len(line) > MAX_LINE:
         raise _ClientGone("line too long")
     return line
 
 
-def _read_request(reader: BinaryIO, client: socket.socket) -> _Request | None:
+def _read_request(reader: io.BufferedReader, client: socket.socket) -> _Request | None:
     """Read one request from the client; ``None`` when it closed the connection cleanly."""
     line = _read_line(reader)
     while line in (b"\r\n", b"\n"):  # tolerated stray CRLF between requests (RFC 9112 2.2)
@@ -568,14 +570,14 @@ def _read_request(reader: BinaryIO, client: socket.socket) -> _Request | None:
     return request
 
 
-def _read_exactly(reader: BinaryIO, n: int) -> bytes:
+def _read_exactly(reader: io.BufferedReader, n: int) -> bytes:
     data = reader.read(n)
     if len(data) != n:
         raise _ClientGone("request body cut short")
     return data
 
 
-def _read_chunked(reader: BinaryIO) -> bytes:
+def _read_chunked(reader: io.BufferedReader) -> bytes:
     parts: list[bytes] = []
     while True:
         size = int(_read_line(reader).split(b";", 1)[0].strip() or b"0", 16)

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from functools import partial
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -181,6 +181,7 @@ class ProcessServer:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._fs: tuple[int, Any] | None = None  # (pid, filesystem) from _filesystem_once
 
     # -- to override --------------------------------------------------------------------------
     def _command(self) -> list[str]:
@@ -259,6 +260,7 @@ class ProcessServer:
 
     def stop(self) -> None:
         """Stop the process this object started (terminate, wait, kill) and remove its files."""
+        self._fs = None
         self._reap()
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -276,6 +278,19 @@ class ProcessServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def _filesystem_once(self, make: Callable[..., Any]) -> Any:
+        """``make(**storage_options, ...)`` once per process, with listings never cached.
+
+        One client per server saves creating a botocore/aiohttp session for every test; the
+        PID check gives a forked child its own (async fsspec filesystems are not fork-safe);
+        no listings cache, so a test's checks always see what the code under test wrote.
+        """
+        if self._fs is None or self._fs[0] != os.getpid():
+            options = self.storage_options  # type: ignore[attr-defined]
+            fs = make(skip_instance_cache=True, use_listings_cache=False, **options)
+            self._fs = (os.getpid(), fs)
+        return self._fs[1]
 
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the server's output (stdout and stderr)."""
@@ -334,10 +349,10 @@ class S3Server(ProcessServer):
         return s3_storage_options(endpoint_url)
 
     def filesystem(self) -> Any:
-        """A fresh ``s3fs.S3FileSystem`` for this server (not from fsspec's instance cache)."""
+        """This process's ``s3fs.S3FileSystem`` for this server (listings not cached)."""
         import s3fs
 
-        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+        return self._filesystem_once(s3fs.S3FileSystem)
 
     def make_bucket(self, name: str) -> None:
         """Create bucket ``name``.
@@ -460,10 +475,10 @@ class FakeGCSServer(ProcessServer):
         return {"endpoint_url": endpoint_url, "token": "anon", "project": GCS_PROJECT}
 
     def filesystem(self) -> Any:
-        """A fresh ``gcsfs.GCSFileSystem`` for this server."""
+        """This process's ``gcsfs.GCSFileSystem`` for this server (listings not cached)."""
         import gcsfs
 
-        return gcsfs.GCSFileSystem(skip_instance_cache=True, **self.storage_options)
+        return self._filesystem_once(gcsfs.GCSFileSystem)
 
     def make_bucket(self, name: str) -> None:
         """Create bucket ``name``."""
@@ -575,10 +590,10 @@ class AzuriteServer(ProcessServer):
         }
 
     def filesystem(self) -> Any:
-        """A fresh ``adlfs.AzureBlobFileSystem`` for this server."""
+        """This process's ``adlfs.AzureBlobFileSystem`` for this server (listings not cached)."""
         import adlfs
 
-        return adlfs.AzureBlobFileSystem(skip_instance_cache=True, **self.storage_options)
+        return self._filesystem_once(adlfs.AzureBlobFileSystem)
 
     def make_bucket(self, name: str) -> None:
         """Create container ``name``."""
@@ -666,7 +681,9 @@ class _RangeRequestHandler(SimpleHTTPRequestHandler):
 
     - ``Range: bytes=a-b`` / ``a-`` / ``-n`` answered with 206 and ``Content-Range`` (416 when
       unsatisfiable; several ranges at once are answered with the whole file, as RFC 9110
-      allows), ``Accept-Ranges: bytes`` and an ``ETag`` made of mtime and size;
+      allows), ``Accept-Ranges: bytes`` and an ``ETag`` made of mtime and size, as nginx
+      does (a same-size rewrite within one tick of the filesystem clock, ~4 ms, keeps the
+      ETag: tests that replace an object should change its size);
     - HTTP/1.1 keep-alive (every response has a ``Content-Length``);
     - directory index pages (links, which fsspec's HTTPFileSystem parses to list a prefix), or
       403 for directories when listing is off;
@@ -807,7 +824,10 @@ class LocalHTTPServer:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="wdsfs-test-http", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},  # how long stop() may wait for the loop to notice
+            name="wdsfs-test-http",
+            daemon=True,
         )
         self._thread.start()
         return self

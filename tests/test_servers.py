@@ -5,9 +5,11 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import fsspec
@@ -393,3 +395,53 @@ def test_proxy_close_is_prompt_with_idle_clients(
     assert time.monotonic() - began < 2
     idle.close()
     conn.close()
+
+
+class _ChunkedEchoHandler(BaseHTTPRequestHandler):
+    """Echoes a POST body back with ``Transfer-Encoding: chunked`` (no server above does)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        assert "Transfer-Encoding" not in self.headers  # the proxy de-chunked the request
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for start in range(0, len(body), 1000):
+            piece = body[start : start + 1000]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_proxy_handles_chunked_requests_and_responses(fault_proxy: ProxyFactory) -> None:
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _ChunkedEchoHandler)
+    serving = threading.Thread(
+        target=upstream.serve_forever, kwargs={"poll_interval": 0.1}, name="chunked-echo"
+    )
+    serving.start()
+    try:
+        proxy = fault_proxy(f"http://127.0.0.1:{upstream.server_address[1]}")
+        conn = http.client.HTTPConnection("127.0.0.1", int(proxy.endpoint_url.rsplit(":", 1)[1]))
+        body = os.urandom(10_000)
+        for flip in (False, True):
+            if flip:
+                proxy.flip_next(1)
+            pieces = (body[i : i + 3000] for i in range(0, len(body), 3000))
+            conn.request("POST", "/echo", body=pieces, encode_chunked=True)
+            with conn.getresponse() as response:
+                echoed = response.read()
+            expected = bytearray(body)
+            if flip:
+                expected[len(body) // 2] ^= 0xFF
+            assert echoed == expected
+        conn.close()
+        assert proxy.connections == 1
+        assert proxy.bytes_to_client == 2 * len(body)
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+        serving.join()
