@@ -50,6 +50,7 @@ class ReaderWork:
     items: list[WorkItem]
     state: ReaderState | None = None
     quota: int | None = None
+    planned: bool = True  # items are plan_epoch's (else they must be saved with the state)
 
 
 @dataclass
@@ -147,17 +148,21 @@ class StreamingWebDataset(IterableDataset[Sample]):
         self.max_attempts = max_attempts
         self.verify = verify
         self.chunk_size = chunk_size
+        self._distributed = rank_and_world_size()
+        self.batch_size_hint = 1
+        """Batch size of the loader (set by StreamingDataLoader): equalized quotas are whole
+        batches, so every rank gets the same number of batches, not only of samples."""
         self._epoch: Any = 0  # an int, or a shared multiprocessing.Value once workers exist
         self._resume: _Resume | None = None
         self._active: ReaderStream | None = None
-        self._active_reader: ReaderId | None = None
+        self._active_work: ReaderWork | None = None
 
     # -- pickling: travel to DataLoader workers as a recipe ---------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_active"] = None
-        state["_active_reader"] = None
+        state["_active_work"] = None
         if get_spawning_popen() is None and not isinstance(self._epoch, int):
             state["_epoch"] = self.epoch  # plain pickling (not process start): a plain int
         return state
@@ -181,6 +186,7 @@ class StreamingWebDataset(IterableDataset[Sample]):
         """Set the epoch: shard order and sample shuffle are deterministic per (seed, epoch)."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, not {epoch}")
+        self.capture_distributed()
         if isinstance(self._epoch, int):
             self._epoch = epoch
         else:
@@ -209,9 +215,23 @@ class StreamingWebDataset(IterableDataset[Sample]):
 
     # -- iteration ------------------------------------------------------------------------------
 
+    def capture_distributed(self) -> None:
+        """Remember this process's rank and world size for its DataLoader workers.
+
+        DataLoader workers do not see the parent's torch.distributed process group, so the rank
+        is read in the parent: at construction, ``set_epoch`` and when StreamingDataLoader
+        starts an epoch.
+        """
+        self._distributed = rank_and_world_size()
+
+    def rank_and_world_size(self) -> tuple[int, int]:
+        """``(rank, world_size)``: torch.distributed or RANK/WORLD_SIZE, else as captured."""
+        live = rank_and_world_size()
+        return self._distributed if live == (0, 1) else live
+
     def reader(self) -> ReaderId:
         """This process's reader: rank and DataLoader worker."""
-        rank, world_size = rank_and_world_size()
+        rank, world_size = self.rank_and_world_size()
         worker, num_workers = worker_and_count()
         offset = self._resume_offset()
         return ReaderId(rank, world_size, (worker + offset) % num_workers, num_workers)
@@ -236,8 +256,11 @@ class StreamingWebDataset(IterableDataset[Sample]):
         items = plan_epoch(
             len(shards), reader.count, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle
         )
-        quota = self._quotas(items, reader)[reader.index] if self.equalize else None
-        return ReaderWork(reader, items[reader.index], None, quota)
+        return ReaderWork(reader, items[reader.index], None, self.quota(items, reader))
+
+    def quota(self, items: Sequence[Sequence[WorkItem]], reader: ReaderId) -> int | None:
+        """The sample quota of ``reader`` when ``equalize`` is on (every reader's ``items``)."""
+        return self._quotas(items, reader)[reader.index] if self.equalize else None
 
     def _quotas(self, items: Sequence[Sequence[WorkItem]], reader: ReaderId) -> list[int]:
         shards = self.shards()
@@ -258,6 +281,7 @@ class StreamingWebDataset(IterableDataset[Sample]):
             world_size=reader.world_size,
             num_workers=reader.num_workers,
             policy=self.equalize,
+            batch_size=self.batch_size_hint,
         )
 
     def __iter__(self) -> Iterator[Sample]:
@@ -287,7 +311,7 @@ class StreamingWebDataset(IterableDataset[Sample]):
             quota=work.quota,
             policy=self.equalize or "drop",
         )
-        self._active, self._active_reader = stream, work.reader
+        self._active, self._active_work = stream, work
         logger.debug("reader %s: %d items", work.reader, len(work.items))
         try:
             for sample in stream:
@@ -296,11 +320,11 @@ class StreamingWebDataset(IterableDataset[Sample]):
         finally:
             readahead.close()  # cancels downloads in flight, joins threads; state stays readable
 
-    def loader_state(self) -> tuple[int, dict[str, Any]] | None:
-        """(reader index, JSON state) of the stream this process is iterating, for the loader."""
-        if self._active is None or self._active_reader is None:
+    def loader_state(self) -> tuple[ReaderWork, ReaderState] | None:
+        """The work and stream state of the reader iterating in this process, for the loader."""
+        if self._active is None or self._active_work is None:
             return None
-        return self._active_reader.index, self._active.state().to_json()
+        return self._active_work, self._active.state()
 
 
 class _Readahead:

@@ -26,10 +26,9 @@ from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data._utils.collate import default_collate, default_convert
 from torch.utils.data._utils.pin_memory import pin_memory
 
-from wdsfs._dist import rank_and_world_size
 from wdsfs.dataset import ReaderWork, StreamingWebDataset, _Resume
 from wdsfs.errors import StateMismatchError
-from wdsfs.plan import ReaderId, plan_epoch, redistribute
+from wdsfs.plan import ReaderId, WorkItem, plan_epoch, redistribute
 from wdsfs.stream import ReaderState
 
 __all__ = ["StreamingDataLoader", "gather_state_dict", "merge_state_dicts"]
@@ -43,16 +42,24 @@ _VERSION = 1
 class _Tracked:
     """A user batch travelling with the state of the reader that produced it."""
 
-    __slots__ = ("batch", "reader", "samples", "state")
+    __slots__ = ("batch", "items", "reader", "samples", "state")
 
-    def __init__(self, batch: Any, reader: int, state: dict[str, Any], samples: int) -> None:
+    def __init__(
+        self,
+        batch: Any,
+        reader: int,
+        state: ReaderState,
+        items: list[list[int | None]] | None,
+        samples: int,
+    ) -> None:
         self.batch = batch
         self.reader = reader
         self.state = state
+        self.items = items
         self.samples = samples
 
     def pin_memory(self) -> _Tracked:
-        return _Tracked(pin_memory(self.batch), self.reader, self.state, self.samples)
+        return _Tracked(pin_memory(self.batch), self.reader, self.state, self.items, self.samples)
 
 
 class _TrackingCollate:
@@ -70,11 +77,14 @@ class _TrackingCollate:
         info = get_worker_info()
         dataset = info.dataset if info is not None else self.dataset
         assert isinstance(dataset, StreamingWebDataset)
-        state = dataset.loader_state()
-        if state is None:
+        current = dataset.loader_state()
+        if current is None:
             raise RuntimeError("StreamingDataLoader: the dataset is not iterating")
+        work, state = current
+        # items that plan_epoch cannot recompute (after an elastic resume) travel with the state
+        items = None if work.planned else [item.to_json() for item in work.items]
         count = len(samples) if isinstance(samples, list) else 1
-        return _Tracked(self.collate_fn(samples), state[0], state[1], count)
+        return _Tracked(self.collate_fn(samples), work.reader.index, state, items, count)
 
 
 def dataset_fingerprint(dataset: StreamingWebDataset) -> str:
@@ -119,7 +129,9 @@ class StreamingDataLoader(DataLoader[Any]):
             collate_fn=_TrackingCollate(user_collate, dataset),
             **kwargs,
         )
-        self._states: dict[int, dict[str, Any]] = {}
+        dataset.batch_size_hint = batch_size or 1
+        self._states: dict[int, ReaderState] = {}
+        self._items: dict[int, list[list[int | None]]] = {}
         self._last_reader: int | None = None
         self._delivered = 0
         self._finished = False
@@ -135,13 +147,16 @@ class StreamingDataLoader(DataLoader[Any]):
         dataset = self.streaming_dataset
         resuming = dataset._resume is not None and dataset._resume.epoch == dataset.epoch
         if not resuming:
-            self._states, self._last_reader, self._delivered = {}, None, 0
+            self._states, self._items, self._last_reader, self._delivered = {}, {}, None, 0
         self._finished = False
         self._iter_epoch = dataset.epoch
+        dataset.capture_distributed()
         iterator = super().__iter__()
         try:
             for tracked in iterator:
                 self._states[tracked.reader] = tracked.state
+                if tracked.items is not None:
+                    self._items[tracked.reader] = tracked.items
                 self._last_reader = tracked.reader
                 self._delivered += tracked.samples
                 yield tracked.batch
@@ -151,7 +166,7 @@ class StreamingDataLoader(DataLoader[Any]):
 
     def _config(self) -> dict[str, Any]:
         dataset = self.streaming_dataset
-        _, world_size = rank_and_world_size()
+        _, world_size = self.streaming_dataset.rank_and_world_size()
         return {
             "world_size": world_size,
             "num_workers": max(1, self.num_workers),
@@ -168,7 +183,7 @@ class StreamingDataLoader(DataLoader[Any]):
         Under torch.distributed use :func:`gather_state_dict` to collect every rank's.
         """
         dataset = self.streaming_dataset
-        rank, _ = rank_and_world_size()
+        rank, _ = self.streaming_dataset.rank_and_world_size()
         return {
             "format": _FORMAT,
             "version": _VERSION,
@@ -178,7 +193,8 @@ class StreamingDataLoader(DataLoader[Any]):
             "finished": self._finished,
             "config": self._config(),
             "ranks": {str(rank): {"last_reader": self._last_reader, "delivered": self._delivered}},
-            "readers": {str(k): v for k, v in sorted(self._states.items())},
+            "readers": {str(k): v.to_json() for k, v in sorted(self._states.items())},
+            "items": {str(k): v for k, v in sorted(self._items.items())},
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -211,57 +227,71 @@ class StreamingDataLoader(DataLoader[Any]):
             return
         dataset.set_epoch(sd["epoch"])
         new = self._config()
-        same = (old["world_size"], old["num_workers"]) == (new["world_size"], new["num_workers"])
+        old_count = old["world_size"] * old["num_workers"]
+        rank, _ = self.streaming_dataset.rank_and_world_size()
         states = {int(k): ReaderState.from_json(v) for k, v in sd["readers"].items()}
-        rank, _ = rank_and_world_size()
-        offset = 0
-        if same:
-            last = sd["ranks"].get(str(rank), {}).get("last_reader")
-            if str(rank) not in sd["ranks"]:
-                raise StateMismatchError(f"state_dict has no state for rank {rank}")
-            offset = 0 if last is None else (last % old["num_workers"] + 1) % old["num_workers"]
-            work_for = _same_plan(states)
-        else:
+        saved_items = {int(k): [WorkItem.from_json(i) for i in v] for k, v in sd["items"].items()}
+        same = (old["world_size"], old["num_workers"]) == (new["world_size"], new["num_workers"])
+        if same and str(rank) not in sd["ranks"]:
+            raise StateMismatchError(f"state_dict has no state for rank {rank}")
+        if not same:
             missing = set(range(old["world_size"])) - {int(r) for r in sd["ranks"]}
             if missing:
                 raise StateMismatchError(
                     f"elastic resume needs every rank's state; missing ranks {sorted(missing)} "
                     "(save the output of wdsfs.gather_state_dict)"
                 )
-            work_for = _elastic_plan(states, old["world_size"] * old["num_workers"])
+        offset = 0
+        last = sd["ranks"].get(str(rank), {}).get("last_reader")
+        if same and last is not None:
+            offset = (last % old["num_workers"] + 1) % old["num_workers"]
+        work_for = _ResumedWork(states, saved_items, old_count, same)
         dataset._resume = _Resume(uuid.uuid4().hex, sd["epoch"], work_for, worker_offset=offset)
         mine = range(rank * new["num_workers"], (rank + 1) * new["num_workers"])
-        self._states = {int(k): v for k, v in sd["readers"].items() if same and int(k) in mine}
+        self._states = {k: v for k, v in states.items() if same and k in mine}
+        self._items = {k: v for k, v in sd["items"].items() if same and int(k) in mine}
         self._last_reader = None
         self._delivered = sum(int(r.get("delivered", 0)) for r in sd["ranks"].values())
         self._iter_epoch = sd["epoch"]
 
 
-def _same_plan(
-    states: Mapping[int, ReaderState],
-) -> Callable[[ReaderId, StreamingWebDataset], ReaderWork]:
-    def work_for(reader: ReaderId, dataset: StreamingWebDataset) -> ReaderWork:
-        work = dataset.epoch_work(reader)
-        return ReaderWork(reader, work.items, states.get(reader.index), work.quota)
+class _ResumedWork:
+    """Each reader's work in a resumed epoch (picklable: travels to DataLoader workers)."""
 
-    return work_for
+    def __init__(
+        self,
+        states: dict[int, ReaderState],
+        saved_items: dict[int, list[WorkItem]],
+        old_count: int,
+        same: bool,
+    ) -> None:
+        self.states = states
+        self.saved_items = saved_items
+        self.old_count = old_count
+        self.same = same
 
-
-def _elastic_plan(
-    states: Mapping[int, ReaderState], old_readers: int
-) -> Callable[[ReaderId, StreamingWebDataset], ReaderWork]:
-    def work_for(reader: ReaderId, dataset: StreamingWebDataset) -> ReaderWork:
-        old_items = plan_epoch(
+    def _old_items(self, dataset: StreamingWebDataset) -> list[list[WorkItem]]:
+        planned = plan_epoch(
             dataset.num_shards,
-            old_readers,
+            self.old_count,
             seed=dataset.seed,
             epoch=dataset.epoch,
             shuffle=dataset.shuffle,
         )
-        dealt = redistribute(old_items, [states.get(i) for i in range(old_readers)], reader.count)
-        return ReaderWork(reader, dealt[reader.index], None, None)
+        return [self.saved_items.get(r, planned[r]) for r in range(self.old_count)]
 
-    return work_for
+    def __call__(self, reader: ReaderId, dataset: StreamingWebDataset) -> ReaderWork:
+        old_items = self._old_items(dataset)
+        if self.same:
+            planned = reader.index not in self.saved_items
+            quota = dataset.quota(old_items, reader)
+            state = self.states.get(reader.index)
+            return ReaderWork(reader, old_items[reader.index], state, quota, planned)
+        counts = [shard.num_samples for shard in dataset.shards()]
+        known = None if any(c is None for c in counts) else [int(c or 0) for c in counts]
+        states = [self.states.get(r) for r in range(self.old_count)]
+        dealt = redistribute(old_items, states, reader.count, num_samples=known)
+        return ReaderWork(reader, dealt[reader.index], None, dataset.quota(dealt, reader), False)
 
 
 def _validated(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -275,7 +305,7 @@ def _validated(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             raise StateMismatchError(f"unsupported state_dict version {sd.get('version')!r}")
         missing = [
             key
-            for key in ("fingerprint", "epoch", "finished", "config", "ranks", "readers")
+            for key in ("fingerprint", "epoch", "finished", "config", "ranks", "readers", "items")
             if key not in sd
         ]
         if missing:
@@ -303,6 +333,7 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any
         merged["finished"] = merged["finished"] and other["finished"]
         merged["ranks"].update(other["ranks"])
         merged["readers"].update(other["readers"])
+        merged["items"].update(other["items"])
     return merged
 
 
