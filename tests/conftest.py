@@ -38,6 +38,8 @@ isolate_environment(os.environ)
 CLIENT_WARNING_FILTERS = [
     # gcsfs uploads hand aiohttp the whole body as bytes; aiohttp warns from 1 MiB on.
     "ignore:Sending a large body directly with raw bytes:ResourceWarning:aiohttp.payload",
+    # google-api-core (imported by gcsfs) warns at import on Python 3.10 that it is near EOL.
+    "ignore:You are using a non-supported Python version:FutureWarning",
 ]
 
 

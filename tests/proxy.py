@@ -197,7 +197,10 @@ class FaultProxy:
 
     @property
     def bytes_to_client(self) -> int:
-        """Response body bytes sent to clients so far."""
+        """Response body bytes sent to clients so far.
+
+        Counted just before each piece is sent, so it is never behind what a client has
+        received (it may be ahead by one piece when a client hangs up mid-body)."""
         with self._lock:
             return self._bytes_to_client
 
@@ -372,7 +375,8 @@ class FaultProxy:
                 upstream.close()
             if abort:
                 # Linger 0: close() sends RST instead of FIN (do not shutdown() first: FIN).
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                with contextlib.suppress(OSError):
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             else:
                 _shutdown(client)
             reader.close()  # the makefile holds the descriptor open until it is closed too
@@ -424,8 +428,8 @@ class FaultProxy:
             head.append("Connection: close")
         client.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
         if request.method != "HEAD" and fault.body:
-            client.sendall(fault.body)
             self._count_body(len(fault.body))
+            client.sendall(fault.body)
 
     def _relay(
         self,
@@ -466,7 +470,10 @@ class FaultProxy:
         limit = length // 2 if cut_short and length is not None else None
         flip_at = length // 2 if fault is not None and fault.kind == "flip" and length else None
         self._send_body(client, response, prefetched, chunked, limit, flip_at)
-        return not cut_short
+        if cut_short:
+            return False
+        response.read()  # b"": marks the response done (http.client skips this for length 0)
+        return True
 
     def _send_body(
         self,
@@ -502,6 +509,7 @@ class FaultProxy:
                 break
             if flip_at is not None and sent <= flip_at < sent + n:
                 buffer[flip_at - sent] ^= 0xFF
+            self._count_body(n)  # before sending: a client never has more than is counted
             if chunked:
                 client.sendall(b"%x\r\n" % n)
                 client.sendall(view[:n])
@@ -509,7 +517,6 @@ class FaultProxy:
             else:
                 client.sendall(view[:n])
             sent += n
-            self._count_body(n)
             if pacing_rate is not None:
                 pacing_sent += n
                 wait = pacing_start + pacing_sent / pacing_rate - time.monotonic()

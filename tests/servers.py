@@ -184,6 +184,16 @@ class ProcessServer:
         self._fs: tuple[int, Any] | None = None  # (pid, filesystem) from _filesystem_once
 
     # -- to override --------------------------------------------------------------------------
+    @property
+    def endpoint_url(self) -> str:
+        """Base URL clients talk to."""
+        raise NotImplementedError
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options for a client of this server."""
+        raise NotImplementedError
+
     def _command(self) -> list[str]:
         raise NotImplementedError
 
@@ -249,7 +259,7 @@ class ProcessServer:
             if self._process.poll() is not None:
                 self._reap()
                 return False
-            if self._is_ready():
+            if self._is_ready() and self._process.poll() is None:  # (one that failed to bind exits)
                 return True
             if time.monotonic() > deadline:
                 raise ServerStartError(
@@ -287,7 +297,7 @@ class ProcessServer:
         no listings cache, so a test's checks always see what the code under test wrote.
         """
         if self._fs is None or self._fs[0] != os.getpid():
-            options = self.storage_options  # type: ignore[attr-defined]
+            options = self.storage_options
             fs = make(skip_instance_cache=True, use_listings_cache=False, **options)
             self._fs = (os.getpid(), fs)
         return self._fs[1]
