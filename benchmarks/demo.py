@@ -50,7 +50,7 @@ def make_shard(shard: int, samples: int, size: int) -> bytes:
 
 
 def to_tensors(sample: dict) -> tuple[torch.Tensor, int]:
-    image = torch.from_numpy(np.asarray(sample["jpg"])).permute(2, 0, 1)
+    image = torch.from_numpy(np.array(sample["jpg"])).permute(2, 0, 1)
     return image, sample["cls"]
 
 

@@ -27,7 +27,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import diskcache
 import filelock
@@ -49,6 +49,12 @@ _LOCK_POLL = 0.05
 def default_cache_dir() -> str:
     """The platform's user cache directory for wdsfs shards (``~/.cache/wdsfs/shards`` on Linux)."""
     return str(Path(platformdirs.user_cache_dir("wdsfs")) / "shards")
+
+
+class StopSignal(Protocol):
+    """Anything with ``is_set()``: a ``threading.Event``, or several seen as one."""
+
+    def is_set(self) -> bool: ...
 
 
 class _MoveIn:
@@ -220,7 +226,7 @@ class ShardCache:
         The handle is opened before the rename, so it reads the shard even if another process
         evicts it at once. Least-recently-used entries are then evicted to respect the limit.
         """
-        handle = open(temp_path, "rb")  # noqa: SIM115 - returned to the caller
+        handle: IO[bytes] = open(temp_path, "rb")  # noqa: SIM115 - returned to the caller
         try:
             self._db.set(key, _MoveIn(temp_path))
         except BaseException:
@@ -248,7 +254,7 @@ class ShardCache:
             self._db.delete(rows[0][0])
 
     @contextlib.contextmanager
-    def lock(self, key: str, stop_event: threading.Event | None = None) -> Iterator[None]:
+    def lock(self, key: str, stop_event: StopSignal | None = None) -> Iterator[None]:
         """Hold the cross-process lock of ``key`` (one download per key on this machine).
 
         Raises:

@@ -384,7 +384,7 @@ class Fetcher:
                 continue
             if len(data) != end - start:
                 # a short or long body: retried like a reset connection
-                exc = DownloadError(
+                short = DownloadError(
                     f"{url}: range {start}-{end} returned {len(data)} bytes", url=url
                 )
                 if attempt == self.max_attempts:
@@ -393,7 +393,7 @@ class Fetcher:
                         f"{end - start} (object changed or truncated download)",
                         url=url,
                     )
-                self._sleep_before_retry(exc, url, attempt, callback)
+                self._sleep_before_retry(short, url, attempt, callback)
                 continue
             os.pwrite(fd, data, start)
             callback.relative_update(len(data))

@@ -59,7 +59,8 @@ class _Tracked:
         self.samples = samples
 
     def pin_memory(self) -> _Tracked:
-        return _Tracked(pin_memory(self.batch), self.reader, self.state, self.items, self.samples)
+        pinned = pin_memory(self.batch)  # type: ignore[no-untyped-call]
+        return _Tracked(pinned, self.reader, self.state, self.items, self.samples)
 
 
 class _TrackingCollate:
@@ -296,7 +297,7 @@ class _ResumedWork:
 
 def _validated(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     try:
-        sd = json.loads(json.dumps(dict(state_dict)))
+        sd: dict[str, Any] = json.loads(json.dumps(dict(state_dict)))
         if sd.get("format") != _FORMAT:
             raise StateMismatchError(
                 f"not a StreamingDataLoader state_dict (format={sd.get('format')!r})"
