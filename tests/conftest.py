@@ -13,6 +13,7 @@ imports it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack
@@ -32,6 +33,15 @@ from tests.servers import (
 )
 
 isolate_environment(os.environ)
+
+# Tests that need torch run in the tox environment that installs it (py311-torch, where
+# WDSFS_TESTS_TORCH=required makes a missing torch an error); the core environments prove that
+# wdsfs works without torch and do not collect them.
+_TORCH_MODULES = ["test_dataset.py", "test_loader.py", "test_docs_torch.py"]
+if importlib.util.find_spec("torch") is None:
+    if os.environ.get("WDSFS_TESTS_TORCH") == "required":
+        raise RuntimeError("WDSFS_TESTS_TORCH=required but torch is not installed")
+    collect_ignore = _TORCH_MODULES
 
 # Warnings raised by server clients' own code, not ours (pyproject turns warnings into errors).
 # Each is justified here; they could move to pyproject's filterwarnings as they are.
@@ -113,6 +123,12 @@ def _open_remote(request: pytest.FixtureRequest, tmp_path: Path) -> AbstractCont
         return bucket_remote(server, protocol="gcs", scheme="gs")
     if kind == "http":
         return http_remote(request.getfixturevalue("http_server"))
+    if kind == "seaweedfs":
+        server = request.getfixturevalue("seaweedfs_server")
+        return bucket_remote(server, protocol="seaweedfs", scheme="s3")
+    if kind == "azure":
+        server = request.getfixturevalue("azurite_server")
+        return bucket_remote(server, protocol="azure", scheme="az")
     raise ValueError(f"unknown remote kind {kind!r}")
 
 
@@ -122,12 +138,15 @@ REMOTE_PARAMS = [
     pytest.param("s3", id="s3", marks=pytest.mark.s3),
     pytest.param("gcs", id="gcs", marks=pytest.mark.gcs),
     pytest.param("http", id="http", marks=pytest.mark.http),
+    pytest.param("seaweedfs", id="seaweedfs", marks=pytest.mark.seaweedfs),
+    pytest.param("azure", id="azure", marks=pytest.mark.azure),
 ]
 
 
 @pytest.fixture(params=REMOTE_PARAMS)
 def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Remote]:
-    """A fresh, empty dataset prefix on each backend in turn (file, memory, s3, gcs, http).
+    """A fresh, empty dataset prefix on each backend in turn (file, memory, s3, gcs, http,
+    seaweedfs, azure).
 
     Only the server of the current param is started (lazily, once per session).
     """
