@@ -303,3 +303,57 @@ def test_torch_distributed_ranks_partition(tmp_path):
     assert ranks[0] and ranks[1]
     assert not set(ranks[0]) & set(ranks[1])
     assert len(ranks[0]) + len(ranks[1]) == 20
+
+
+_CTRL_C_SCRIPT = """
+import json, sys, threading
+from wdsfs import StreamingWebDataset
+url, options, cache = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+ds = StreamingWebDataset(url, storage_options=options, cache_dir=cache, prefetch=3)
+try:
+    for i, sample in enumerate(ds):
+        if i == 0:
+            print("first", flush=True)
+except KeyboardInterrupt:
+    names = [t.name for t in threading.enumerate() if t.name.startswith("wdsfs-")]
+    print("interrupted", json.dumps(names), flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.s3
+def test_ctrl_c_stops_downloads_promptly(s3_bucket, fault_proxy, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_dataset(s3_bucket.put, [40] * 6, payload=100_000)
+    proxy = fault_proxy(s3_bucket.endpoint_url)
+    proxy.throttle(2 * 1024 * 1024)  # per connection: the epoch would take many seconds
+    options = s3_bucket.options_for(proxy.endpoint_url)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _CTRL_C_SCRIPT,
+            s3_bucket.url,
+            json.dumps(options),
+            str(tmp_path / "c"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "first"
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    out, _ = proc.communicate(timeout=30)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 3, out
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("interrupted")
+    assert json.loads(line.split(" ", 1)[1]) == []  # no fetch thread left running
+    assert elapsed < 3.0, elapsed
+    assert not list((tmp_path / "c" / "tmp").glob("*.part"))
