@@ -23,7 +23,8 @@ def sample(**fields: object) -> dict[str, object]:
 
 
 def png(mode: str = "RGB", size: tuple[int, int] = (4, 3)) -> bytes:
-    image_module = pytest.importorskip("PIL.Image")
+    from PIL import Image as image_module
+
     buf = io.BytesIO()
     image_module.new(mode, size, color=200 if mode == "L" else (10, 20, 30)).save(buf, "PNG")
     return buf.getvalue()
@@ -134,7 +135,8 @@ def test_pickle_round_trip() -> None:
 
 
 def test_pil_decoders() -> None:
-    image_module = pytest.importorskip("PIL.Image")
+    from PIL import Image as image_module
+
     decoder = Decoder({"png": "pil", "rgb.png": "pil_rgb", "l.png": "pil_l"})
     out = decoder(sample(png=png("L"), **{"rgb.png": png("L"), "l.png": png("RGB")}))
     for field, mode in (("png", "L"), ("rgb.png", "RGB"), ("l.png", "L")):
@@ -147,7 +149,8 @@ def test_pil_decoders() -> None:
 
 
 def test_numpy_decoders() -> None:
-    np = pytest.importorskip("numpy")
+    import numpy as np
+
     buf = io.BytesIO()
     np.save(buf, np.arange(6, dtype=np.int16).reshape(2, 3))
     npz = io.BytesIO()
@@ -169,8 +172,10 @@ class NotATensor:
     """Something torch.load(weights_only=True) must refuse."""
 
 
+@pytest.mark.torch
 def test_torch_decoder() -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     buf = io.BytesIO()
     torch.save({"w": torch.arange(4)}, buf)
     decoder = Decoder({"pth": "torch"})
