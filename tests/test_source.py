@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -63,8 +65,6 @@ def test_index_is_used_instead_of_listing(remote):
         "version": 1,
         "shards": [{"path": "shard-000000.tar", "size": len(data), "num_samples": 3, "md5": None}],
     }
-    import hashlib
-
     index["shards"][0]["md5"] = hashlib.md5(data).hexdigest()
     remote.put("listed/index.wds", json.dumps(index).encode())
     shards = list_shards(remote.join("listed"), storage_options=remote.storage_options)
@@ -122,3 +122,34 @@ def test_source_pickles_as_a_recipe(remote):
 def test_profile_goes_to_storage_options():
     source = Source("s3://bucket/ds", profile="research")
     assert source.storage_options["profile"] == "research"
+
+
+@pytest.mark.http
+def test_http_without_directory_index(tmp_path):
+    from tests.servers import LocalHTTPServer
+
+    with LocalHTTPServer(directory_listing=False) as server:
+        root = Path(server.root) / "ds"
+        root.mkdir()
+        (root / "shard-000000.tar").write_bytes(make_shard(0, 2))
+        (root / "shard-000001.tar").write_bytes(make_shard(1, 2))
+        with pytest.raises(NoShardsError, match=r"index\.wds.*brace pattern"):
+            list_shards(f"{server.url}/ds")
+        pattern = list_shards(f"{server.url}/ds/shard-{{000000..000001}}.tar")
+        assert [s.name for s in pattern] == ["shard-000000.tar", "shard-000001.tar"]
+        data = make_shard(0, 2)
+        index = {
+            "format": "wdsfs-index",
+            "version": 1,
+            "shards": [
+                {
+                    "path": "shard-000000.tar",
+                    "size": len(data),
+                    "num_samples": 2,
+                    "md5": hashlib.md5(data).hexdigest(),
+                }
+            ],
+        }
+        (root / "index.wds").write_text(json.dumps(index))
+        (indexed,) = list_shards(f"{server.url}/ds")
+        assert indexed.num_samples == 2

@@ -28,6 +28,11 @@ __all__ = ["Source", "count_shards", "is_shard_name", "list_shards", "shard_from
 
 logger = logging.getLogger(__name__)
 
+_HTTP_HINT = (
+    "no shards found: this HTTP server gives no directory index to list; put an index.wds "
+    "beside the shards (`wdsfs index`), or pass a brace pattern or a list of shard URLs"
+)
+
 
 def _tar_suffixes() -> tuple[str, ...]:
     from wdsfs.tar import TAR_SUFFIXES
@@ -153,12 +158,17 @@ class Source:
         if data is not None:
             logger.info("%s: using %s", prefix, index_url)
             return parse_index(data, base_url=base)
+        is_http = _protocol_of(fs) in {"http", "https"}
         try:
             found = fs.find(path, detail=True)
         except Exception as exc:
+            if is_http and not isinstance(exc, FileNotFoundError):
+                raise NoShardsError(f"{prefix}: {_HTTP_HINT} ({exc})", url=prefix) from exc
             raise translate_error(exc, prefix, "listing") from exc
         if not found:
             self._check_location(fs, path, prefix)
+            if is_http:
+                raise NoShardsError(f"{prefix}: {_HTTP_HINT}", url=prefix)
         infos = sorted(
             (
                 info
@@ -179,8 +189,10 @@ class Source:
     @staticmethod
     def _check_location(fs: AbstractFileSystem, path: str, prefix: str) -> None:
         """Tell a missing bucket or prefix from an empty one (find() returns [] for both)."""
-        root = path.split("/", 1)[0] if "://" not in path else path
-        for candidate, what in ((root, "bucket/container/root"), (path, "prefix")):
+        checks = [(path, "prefix")]
+        if "://" not in path and "/" in path.strip("/"):
+            checks.insert(0, (path.strip("/").split("/", 1)[0], "bucket/container"))
+        for candidate, what in checks:
             try:
                 exists = fs.exists(candidate)
             except Exception as exc:
