@@ -53,7 +53,7 @@ def test_eviction_keeps_the_directory_under_the_limit(memory_remote, tmp_path):
     shards = list_shards(memory_remote.url)
     cache = ShardCache(tmp_path / "c", cache_limit=10 * MiB)
     with Fetcher(cache) as fetcher:
-        for fetched in fetcher.fetch_ahead(shards, window=1):
+        for fetched in fetcher.fetch_ahead(shards, window=0):  # sequential: a strict LRU order
             with fetched:
                 assert len(fetched.file.read()) == 3 * MiB
             assert cache.volume() <= 10 * MiB
