@@ -355,11 +355,13 @@ class _Readahead:
         stop: int | None,
     ) -> Iterator[tuple[int, Sample]]:
         """The ReadFn of ReaderStream: samples of ``shard`` with index >= start, < stop."""
-        with self._get(shard) as fetched:
+        wanted = select
+        if start > 0:
 
             def wanted(index: int) -> bool:
                 return index >= start and (select is None or select(index))
 
+        with self._get(shard) as fetched:
             yield from read_samples(fetched.file, url=fetched.shard.url, select=wanted, stop=stop)
 
     def close(self) -> None:
