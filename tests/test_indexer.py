@@ -12,11 +12,14 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fsspec.callbacks import Callback
 
 from tests.datasets import make_shard, write_dataset
+from tests.proxy import FaultProxy
 from tests.remotes import Remote, memory_remote
 from wdsfs.errors import (
     CorruptShardError,
@@ -170,8 +173,11 @@ def test_stop_event_cancels_the_scans() -> None:
 
 
 @pytest.mark.s3
-def test_ctrl_c_during_a_slow_scan_returns_promptly(s3_bucket: Remote, fault_proxy) -> None:
+def test_ctrl_c_during_a_slow_scan_returns_promptly(
+    s3_bucket: Remote, fault_proxy: Callable[[str], FaultProxy]
+) -> None:
     s3_bucket.put("shard-000000.tar", make_shard(0, 4, payload=3 * MiB))
+    assert s3_bucket.endpoint_url is not None
     proxy = fault_proxy(s3_bucket.endpoint_url)
     proxy.throttle(1 * MiB)  # per connection: the scan would take ~12 s
     options = s3_bucket.options_for(proxy.endpoint_url)
@@ -222,7 +228,7 @@ def test_check_writable() -> None:
         build_index("memory://x/ds", max_workers=0)
 
 
-def test_local_write_is_atomic_and_leaves_no_temp_file(tmp_path) -> None:
+def test_local_write_is_atomic_and_leaves_no_temp_file(tmp_path: Path) -> None:
     (tmp_path / INDEX_NAME).write_text("old")
     entries = _expected()
     write_index(str(tmp_path), entries)
