@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,8 +81,8 @@ def test_ls_then_index_then_ls_from_the_index(
         assert code == 1
         assert err == (
             f"wdsfs: error: {remote.url}/{INDEX_NAME}: cannot write {INDEX_NAME} over HTTP, "
-            "which is read-only; index the files where they are stored (a local path or "
-            "bucket) or copy the index there after a dry run\n"
+            "which is read-only; build it where the files are stored (a local path or a "
+            "bucket), or save it to a local file and upload it beside the shards\n"
         )
         code, out, err = run(capsys, "index", remote.url, "--dry-run", *opts)
         assert code == 0, err
@@ -153,6 +154,22 @@ def test_runs_as_a_program(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.startswith("wdsfs: error: ") and str(missing) in done.stderr
     assert len(done.stderr.splitlines()) == 1  # no traceback without -v
+
+
+def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    for i in range(5000):  # ~160 KB of listing: more than a pipe holds (64 KB) unread
+        (tmp_path / f"shard-{i:06d}.tar").write_bytes(b"")
+    with subprocess.Popen(
+        [sys.executable, "-m", "wdsfs", "ls", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().split() == [b"size", b"path"]  # as `wdsfs ls | head -1`
+        proc.stdout.close()
+        assert proc.wait(timeout=60) == 1
+        assert proc.stderr.read() == b""
 
 
 @pytest.mark.parametrize("command", ["ls", "index", "prefetch", "cache", "bench"])
@@ -417,16 +434,36 @@ def test_cache_info_and_clear(
     assert json.loads(out)["entries"] == 0
 
 
-def test_cache_info_does_not_create_a_cache(
+def test_cache_commands_do_not_create_a_cache(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    missing = tmp_path / "none"
-    code, out, _ = run(capsys, "cache", "info", "--cache-dir", str(missing), "--json")
-    assert code == 0
-    assert json.loads(out)["entries"] == 0
+    missing, other = tmp_path / "none", tmp_path / "not-a-cache"
+    other.mkdir()
+    for directory in (missing, other):
+        code, out, _ = run(capsys, "cache", "info", "--cache-dir", str(directory), "--json")
+        assert code == 0
+        assert json.loads(out)["entries"] == 0
+        code, out, _ = run(capsys, "cache", "clear", "--cache-dir", str(directory), "--yes")
+        assert code == 0
+        assert "no cache here" in out
     assert not missing.exists()
-    assert run(capsys, "cache", "clear", "--cache-dir", str(missing), "--yes")[0] == 0
-    assert not missing.exists()
+    assert list(other.iterdir()) == []
+
+
+def test_progress_bar_counts_every_byte_from_many_threads() -> None:
+    from wdsfs.cli import _ByteBar
+
+    with _ByteBar("test", total=8 * 1000) as bar:
+        threads = [
+            threading.Thread(target=lambda: [bar.relative_update(1) for _ in range(1000)])
+            for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        bar.set_size(9000)
+    assert (bar.value, bar.size) == (8000, 9000)
 
 
 class _Terminal(io.StringIO):

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import threading
@@ -26,6 +27,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import diskcache
 from fsspec.callbacks import Callback
 
 from wdsfs._bench import BenchConfig, EpochStats, bench_epochs
@@ -69,7 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose: int = args.verbose
     with _logging(verbose):
         try:
-            return _HANDLERS[args.handler](args)
+            status = _HANDLERS[args.handler](args)
+            sys.stdout.flush()  # a closed pipe (`wdsfs ls ... | head`) shows here, not at exit
+            return status
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error
+            return _EXIT_ERROR
         except KeyboardInterrupt:
             print("wdsfs: interrupted", file=sys.stderr)
             return _EXIT_INTERRUPTED
@@ -219,7 +226,7 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
 def _cmd_cache_info(args: argparse.Namespace) -> int:
     cache = ShardCache(args.cache_dir, cache_limit=args.cache_limit)
     entries = used = 0
-    if Path(cache.directory).exists():  # do not create a cache just to describe it
+    if _is_cache(cache):  # do not create a cache just to describe it
         with cache:
             entries, used = len(cache), cache.volume()
     info = {
@@ -240,7 +247,7 @@ def _cmd_cache_info(args: argparse.Namespace) -> int:
 
 def _cmd_cache_clear(args: argparse.Namespace) -> int:
     cache = ShardCache(args.cache_dir)
-    if not Path(cache.directory).exists():
+    if not _is_cache(cache):
         print(f"{cache.directory}: no cache here; nothing to clear")
         return 0
     with cache:
@@ -253,6 +260,11 @@ def _cmd_cache_clear(args: argparse.Namespace) -> int:
         removed = cache.clear()
     print(f"{cache.directory}: removed {removed} shards ({_human(used)})")
     return 0
+
+
+def _is_cache(cache: ShardCache) -> bool:
+    """Whether the directory holds a cache (opening it would create one anywhere)."""
+    return Path(cache.directory, diskcache.core.DBNAME).is_file()
 
 
 def _confirm(question: str) -> bool:

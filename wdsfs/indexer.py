@@ -211,8 +211,8 @@ def check_writable(remote: str, *, split: str | None = None) -> str:
     if protocol in _READ_ONLY_PROTOCOLS:
         raise ValueError(
             f"{url}: cannot write {INDEX_NAME} over {protocol.upper()}, which is read-only; "
-            "index the files where they are stored (a local path or bucket) or copy the "
-            "index there after a dry run"
+            "build it where the files are stored (a local path or a bucket), or save it to a "
+            "local file and upload it beside the shards"
         )
     return url
 
