@@ -153,3 +153,31 @@ def test_http_without_directory_index(tmp_path):
         (root / "index.wds").write_text(json.dumps(index))
         (indexed,) = list_shards(f"{server.url}/ds")
         assert indexed.num_samples == 2
+
+
+def test_dataset_index_serves_its_splits(remote):
+    entries = []
+    for split in ("train", "val"):
+        data = make_shard(0 if split == "train" else 1, 2)
+        remote.put(f"{split}/shard-000000.tar", data)
+        entries.append(
+            {
+                "path": f"{split}/shard-000000.tar",
+                "size": len(data),
+                "num_samples": 2,
+                "md5": hashlib.md5(data).hexdigest(),
+            }
+        )
+    remote.put("train/extra-not-indexed.tar", make_shard(9, 1))
+    remote.put(
+        "index.wds", json.dumps({"format": "wdsfs-index", "version": 1, "shards": entries}).encode()
+    )
+    train = list_shards(remote.url, split="train", storage_options=remote.storage_options)
+    assert [s.url for s in train] == [remote.join("train/shard-000000.tar")]
+    assert train[0].num_samples == 2
+    listed = Source(
+        remote.url, split="train", storage_options=remote.storage_options, use_index=False
+    )
+    assert [s.name for s in listed.shards()] == ["extra-not-indexed.tar", "shard-000000.tar"]
+    with pytest.raises(NoShardsError, match="lists no shard under test/"):
+        list_shards(remote.url, split="test", storage_options=remote.storage_options)

@@ -54,6 +54,8 @@ class Source:
         storage_options: Passed to fsspec (``{"anon": True}``, ``{"endpoint_url": ...}``...).
         profile: AWS profile name for ``s3://`` (streaming-wds' ``profile=``); same as
             ``storage_options={"profile": ...}``.
+        use_index: Read ``index.wds`` when present (``False``: always list, as ``wdsfs index``
+            does to build one).
 
     Raises:
         ValueError: ``remote`` is empty, or ``split`` is given with a list or pattern.
@@ -66,6 +68,7 @@ class Source:
         split: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
         profile: str | None = None,
+        use_index: bool = True,
     ) -> None:
         remotes = [remote] if isinstance(remote, str) else list(remote)
         if not remotes or any(not isinstance(r, str) or not r.strip() for r in remotes):
@@ -75,6 +78,7 @@ class Source:
             options["profile"] = profile
         self.remotes = [r.strip() for r in remotes]
         self.is_list = not isinstance(remote, str)
+        self.use_index = use_index
         self.split = split.strip("/") if split else None
         self.storage_options = options
         self._shards: list[Shard] | None = None
@@ -131,8 +135,7 @@ class Source:
             if len(expanded) > 1 or is_list or is_shard_name(remote):
                 shards.extend(self._explicit(url) for url in expanded)
             else:
-                prefix = f"{remote.rstrip('/')}/{self.split}" if self.split else remote
-                shards.extend(self._list_prefix(prefix))
+                shards.extend(self._resolve_prefix(remote))
         if not shards:
             raise NoShardsError(f"{self.url}: no tar shards found", url=self.url)
         return shards
@@ -143,21 +146,43 @@ class Source:
         url_to_fs(url, self.storage_options)  # a clear error now for an unknown protocol
         return Shard(url=url)
 
-    def _list_prefix(self, prefix: str) -> list[Shard]:
+    def _resolve_prefix(self, remote: str) -> list[Shard]:
+        """index.wds of the split, else the split's part of the dataset's index, else a listing."""
+        base = remote.rstrip("/")
+        prefix = f"{base}/{self.split}" if self.split else base
+        if self.use_index:
+            indexed = self._read_index(prefix)
+            if indexed is None and self.split:
+                whole = self._read_index(base)
+                if whole is not None:
+                    indexed = [s for s in whole if s.url.startswith(prefix + "/")]
+                    if not indexed:
+                        raise NoShardsError(
+                            f"{base}/index.wds lists no shard under {self.split}/", url=prefix
+                        )
+            if indexed is not None:
+                return indexed
+        return self._list_prefix(prefix)
+
+    def _read_index(self, prefix: str) -> list[Shard] | None:
+        """The shards listed by ``prefix/index.wds``, or None when there is none."""
         from wdsfs.index import INDEX_NAME, parse_index
 
         fs, path = url_to_fs(prefix, self.storage_options)
-        base = prefix.rstrip("/")  # URLs keep the spelling the user gave
-        index_url = f"{base}/{INDEX_NAME}"
+        index_url = f"{prefix}/{INDEX_NAME}"
         try:
             data = fs.cat_file(f"{path.rstrip('/')}/{INDEX_NAME}")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            data = None
+            return None
         except Exception as exc:  # translated, never swallowed
             raise translate_error(exc, index_url, "reading index.wds") from exc
-        if data is not None:
-            logger.info("%s: using %s", prefix, index_url)
-            return parse_index(data, base_url=base)
+        logger.info("%s: using %s", prefix, index_url)
+        shards: list[Shard] = parse_index(data, base_url=prefix)
+        return shards
+
+    def _list_prefix(self, prefix: str) -> list[Shard]:
+        fs, path = url_to_fs(prefix, self.storage_options)
+        base = prefix.rstrip("/")  # URLs keep the spelling the user gave
         is_http = _protocol_of(fs) in {"http", "https"}
         try:
             found = fs.find(path, detail=True)
