@@ -497,7 +497,8 @@ def test_bench_with_workers_without_torch_says_what_to_install(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_dataset(lambda name, data: (tmp_path / name).write_bytes(data), COUNTS)
-    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    for name in ("torch", "torch.utils.data"):  # as if torch were not installed
+        monkeypatch.setitem(sys.modules, name, None)
     code, _, err = run(capsys, "bench", str(tmp_path), "--num-workers", "2")
     assert code == 1
     assert "needs torch: pip install wdsfs[torch]" in err
