@@ -157,14 +157,16 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(tmp_path):
     assert first != sorted(first)
 
 
-def test_persistent_workers_see_set_epoch(tmp_path):
+@pytest.mark.parametrize("loader_class", ["DataLoader", "StreamingDataLoader"])
+def test_persistent_workers_see_set_epoch(tmp_path, loader_class):
     write_dataset(lambda name, data: (tmp_path / name).write_bytes(data), [6] * 4)
     from wdsfs import StreamingDataLoader
 
     ds = StreamingWebDataset(
         str(tmp_path), shuffle=True, buffer_size=8, cache_dir=str(tmp_path / "c")
     )
-    loader = StreamingDataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    cls = StreamingDataLoader if loader_class == "StreamingDataLoader" else DataLoader
+    loader = cls(ds, batch_size=None, num_workers=2, persistent_workers=True)
     epochs = []
     for epoch in range(3):
         ds.set_epoch(epoch)

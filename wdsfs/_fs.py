@@ -111,6 +111,9 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, TimeoutError | asyncio.TimeoutError | ConnectionError):
         return True
+    status = _http_status(exc)
+    if status is not None:
+        return status == 429 or status >= 500
     if isinstance(exc, OSError):
         return exc.errno in _TRANSIENT_ERRNOS or exc.errno is None
     name = type(exc).__module__ + "." + type(exc).__name__
@@ -128,6 +131,14 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of an aiohttp response error (fsspec http raises those), else None."""
+    status = getattr(exc, "status", None)
+    return (
+        status if isinstance(status, int) and type(exc).__module__.startswith("aiohttp") else None
+    )
+
+
 def translate_error(exc: BaseException, url: str, doing: str) -> WdsfsError:
     """Turn a backend exception into the wdsfs error a user can act on, naming ``url``."""
     if isinstance(exc, WdsfsError):
@@ -136,12 +147,17 @@ def translate_error(exc: BaseException, url: str, doing: str) -> WdsfsError:
     if isinstance(exc, FileNotFoundError):
         return ShardNotFoundError(f"{url}: not found while {doing} ({detail})", url=url)
     name = type(exc).__name__
-    if isinstance(exc, PermissionError) or name in {
-        "NoCredentialsError",
-        "PartialCredentialsError",
-        "ClientError",
-        "InvalidAccessKeyId",
-    }:
+    if (
+        _http_status(exc) in (401, 403)
+        or isinstance(exc, PermissionError)
+        or name
+        in {
+            "NoCredentialsError",
+            "PartialCredentialsError",
+            "ClientError",
+            "InvalidAccessKeyId",
+        }
+    ):
         return StorageAccessError(
             f"{url}: access denied while {doing}; check credentials/storage_options ({detail})",
             url=url,

@@ -5,7 +5,7 @@ machine that uses the same ``cache_dir`` shares it safely:
 
 - a shard is keyed by its URL **and** its version (ETag, generation, size+mtime), so a replaced
   object gets a new key and the stale copy is never served;
-- downloads go to ``<cache_dir>/tmp/<pid>-<random>.part`` and are moved into the cache by an
+- downloads go to ``<cache_dir>/tmp/<host>-<pid>-<random>.part`` and are moved into the cache by an
   atomic rename only after verification; a process killed mid-download leaves only a temp file,
   which the next process to open the cache removes (its owner is dead);
 - :meth:`ShardCache.lock` is an OS file lock per key (released by the kernel if its holder
@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_LIMIT = "20GB"
 _DISK_MARGIN = 64 * 1024 * 1024
 _LOCK_POLL = 0.05
+# Temp files are named host-pid-random: only this host can tell whether their owner is alive.
+_HOST = socket.gethostname().replace("-", "_") or "localhost"
 
 
 def default_cache_dir() -> str:
@@ -157,8 +160,8 @@ class ShardCache:
 
     def _remove_orphans(self) -> None:
         """Delete temp files whose owning process is gone (killed mid-download)."""
-        for part in Path(self.directory, "tmp").glob("*.part"):
-            pid_text = part.name.split("-", 1)[0]
+        for part in Path(self.directory, "tmp").glob(f"{_HOST}-*.part"):
+            pid_text = part.name[len(_HOST) + 1 :].split("-", 1)[0]
             if pid_text.isdigit() and not _alive(int(pid_text)):
                 logger.debug("removing leftover temp file %s", part)
                 part.unlink(missing_ok=True)
@@ -239,7 +242,8 @@ class ShardCache:
     def temp_path(self) -> str:
         """A fresh temp file path inside the cache directory (same filesystem: atomic rename)."""
         self._db  # noqa: B018 - make sure the directory exists and orphans are gone
-        return str(Path(self.directory, "tmp", f"{os.getpid()}-{uuid.uuid4().hex}.part"))
+        name = f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex}.part"
+        return str(Path(self.directory, "tmp", name))
 
     def commit(self, key: str, temp_path: str) -> IO[bytes]:
         """Move a verified temp file into the cache under ``key``; return an open handle on it.

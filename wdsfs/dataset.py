@@ -152,7 +152,9 @@ class StreamingWebDataset(IterableDataset[Sample]):
         self.batch_size_hint = 1
         """Batch size of the loader (set by StreamingDataLoader): equalized quotas are whole
         batches, so every rank gets the same number of batches, not only of samples."""
-        self._epoch: Any = 0  # an int, or a shared multiprocessing.Value once workers exist
+        # In shared memory, so DataLoader workers (persistent ones too) see set_epoch; a plain
+        # int after ordinary pickling (see __getstate__).
+        self._epoch: Any = multiprocessing.get_context().Value("q", 0, lock=False)
         self._resume: _Resume | None = None
         self._active: ReaderStream | None = None
         self._active_work: ReaderWork | None = None
@@ -166,14 +168,6 @@ class StreamingWebDataset(IterableDataset[Sample]):
         if get_spawning_popen() is None and not isinstance(self._epoch, int):
             state["_epoch"] = self.epoch  # plain pickling (not process start): a plain int
         return state
-
-    def share_epoch(self) -> None:
-        """Keep the epoch in shared memory so persistent DataLoader workers see set_epoch.
-
-        Called by :class:`StreamingDataLoader` before it starts workers.
-        """
-        if isinstance(self._epoch, int):
-            self._epoch = multiprocessing.get_context().Value("q", self._epoch, lock=False)
 
     # -- public API ---------------------------------------------------------------------------
 

@@ -241,7 +241,7 @@ def _resolve(
 ) -> tuple[Callable[[bytes], object], str]:
     """The function and its display name for one spec entry."""
     if isinstance(value, str):
-        entry = _DECODERS.get(value)
+        entry = _DECODERS.get(value, _DECODERS.get(value.lower()))  # streaming-wds wrote "PIL"
         if entry is None:
             raise ValueError(
                 f"unknown decoder {value!r} for field {field!r}; "

@@ -120,9 +120,6 @@ class StreamingDataLoader(DataLoader[Any]):
         user_collate = kwargs.pop("collate_fn", None)
         if user_collate is None:
             user_collate = default_collate if batch_size is not None else default_convert
-        num_workers = int(kwargs.get("num_workers", 0))
-        if num_workers > 0:
-            dataset.share_epoch()
         dataset.shards()  # list once here; forked workers inherit the list
         super().__init__(
             dataset,
@@ -175,6 +172,7 @@ class StreamingDataLoader(DataLoader[Any]):
             "seed": dataset.seed,
             "shuffle": dataset.shuffle,
             "buffer_size": dataset.buffer_size,
+            "memory_buffer_limit": dataset.memory_buffer_limit,
             "equalize": dataset.equalize,
         }
 
@@ -216,7 +214,7 @@ class StreamingDataLoader(DataLoader[Any]):
                 url=dataset.source.url,
             )
         old = sd["config"]
-        for key in ("seed", "shuffle", "buffer_size", "equalize"):
+        for key in ("seed", "shuffle", "buffer_size", "memory_buffer_limit", "equalize"):
             if old[key] != getattr(dataset, key):
                 raise StateMismatchError(
                     f"state_dict has {key}={old[key]!r} but the dataset has "
