@@ -16,8 +16,8 @@ class Shard:
         size: Size in bytes, when known.
         version: What identifies this content of the object: an ETag, a GCS generation, or
             ``size-mtime``; part of the cache key so a replaced object is fetched again.
-        checksum: ``"md5:<hex>"`` or ``"crc32c:<base64>"`` when the storage or the index gives
-            one that applies to the whole object.
+        checksum: ``"md5:<hex>"`` when the storage (S3 single-part ETag, GCS/Azure MD5) or the
+            index gives one that applies to the whole object.
         num_samples: Number of samples, when an index gave it.
     """
 
