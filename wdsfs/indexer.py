@@ -30,7 +30,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from fsspec.callbacks import Callback
@@ -38,7 +37,7 @@ from fsspec.spec import AbstractFileSystem
 
 from wdsfs._fs import is_local, translate_error, url_to_fs
 from wdsfs.download import TransferCallback, _read_range
-from wdsfs.errors import IntegrityError, NoShardsError, WdsfsError
+from wdsfs.errors import IntegrityError, WdsfsError
 from wdsfs.index import INDEX_NAME, IndexEntry, ShardStats, dumps_index, scan_shard
 from wdsfs.shard import Shard
 from wdsfs.source import Source, is_shard_name, shard_from_info
@@ -220,51 +219,17 @@ def check_writable(remote: str, *, split: str | None = None) -> str:
 def _list_ignoring_index(
     fs: AbstractFileSystem, root: str, base: str, storage_options: Mapping[str, Any] | None
 ) -> list[tuple[str, Shard]]:
-    """``(path in fs, shard)`` under ``root`` by a real listing, in URL order.
+    """``(path in fs, shard)`` for each shard under ``base``, by a real listing, in URL order.
 
-    Shard URLs are spelled from ``base`` (the prefix as the user gave it).
-
-    (:class:`~wdsfs.source.Source` would read an existing ``index.wds`` instead.) When the
-    listing fails or finds nothing, ``Source`` is asked to resolve the prefix: its error says
-    why (missing bucket, HTTP server without directory index...).
+    An ``index.wds`` already there is what is being rebuilt, so it is not read; listings
+    cached by the filesystem instance are dropped first.
     """
-    fs.invalidate_cache(root)  # an index must describe what is there now
-    try:
-        found = fs.find(root, detail=True)
-    except Exception as exc:
-        raise _no_listing_error(base, storage_options, exc) from exc
-    infos = sorted(
-        (
-            info
-            for name, info in found.items()
-            if is_shard_name(str(name)) and info.get("type") != "directory"
-        ),
-        key=lambda info: str(info["name"]),
-    )
-    if not infos:
-        raise _no_listing_error(base, storage_options, None)
+    fs.invalidate_cache(root)
+    source = Source(base, storage_options=storage_options, use_index=False)
     return [
-        (
-            str(info["name"]),
-            replace(shard_from_info(fs, info), url=_url_of(info["name"], root, base)),
-        )
-        for info in infos
+        (root + shard.url[len(base) :] if shard.url.startswith(base + "/") else shard.url, shard)
+        for shard in source.shards()
     ]
-
-
-def _no_listing_error(
-    base: str, storage_options: Mapping[str, Any] | None, cause: BaseException | None
-) -> WdsfsError:
-    """Why a prefix gave no shards to index, as precisely as Source can tell."""
-    Source(base, storage_options=storage_options).shards()  # raises the specific error
-    if cause is not None:  # listing failed, yet Source found an index.wds there
-        return translate_error(cause, base, "listing")
-    return NoShardsError(f"{base}: no tar shards found (only an {INDEX_NAME})", url=base)
-
-
-def _url_of(name: object, root: str, base: str) -> str:
-    name = str(name)
-    return base + name[len(root) :] if name.startswith(root + "/") else name
 
 
 def _relative(url: str, base: str) -> str:
