@@ -477,7 +477,7 @@ class _Terminal(io.StringIO):
 def test_bench_reports_cold_then_warm(capsys: pytest.CaptureFixture[str]) -> None:
     with memory_remote() as remote:
         write_dataset(remote.put, COUNTS)
-        code, out, err = run(capsys, "bench", remote.url, "--epochs", "2", "--decode", "json=json")
+        code, out, err = run(capsys, "bench", remote.url, "--epochs", "2", "--decode", "json=JSON")
     assert code == 0, err
     epochs = [m.groups() for m in map(EPOCH.search, out.splitlines()) if m]
     assert [e[:2] for e in epochs] == [("1", "12"), ("2", "12")]

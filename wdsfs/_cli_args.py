@@ -369,8 +369,9 @@ def _size(text: str) -> int:
 
 def _decoder_item(text: str) -> tuple[str, str]:
     field, sep, name = text.partition("=")
-    if not sep or not field.strip() or name.strip() not in DECODER_NAMES:
+    name = name.strip().lower()  # decoder names are case-insensitive, as in Decoder
+    if not sep or not field.strip() or name not in DECODER_NAMES:
         raise argparse.ArgumentTypeError(
             f"expected FIELD=NAME with NAME one of {', '.join(DECODER_NAMES)}, got {text!r}"
         )
-    return field.strip(), name.strip()
+    return field.strip(), name
