@@ -211,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_ls(commands, [common, dataset])
     _add_index(commands, [common, dataset])
     _add_prefetch(commands, [common, dataset, cache])
-    _add_cache(commands, [common, cache])
+    _add_cache(commands, [common, cache], [common, _cache_options(with_limit=False)])
     _add_bench(commands, [common, dataset, cache])
     return parser
 
@@ -265,18 +265,19 @@ def _dataset_options() -> argparse.ArgumentParser:
     return dataset
 
 
-def _cache_options() -> argparse.ArgumentParser:
+def _cache_options(*, with_limit: bool = True) -> argparse.ArgumentParser:
     cache = argparse.ArgumentParser(add_help=False)
     cache.add_argument(
         "--cache-dir", metavar="DIR", help=f"shard cache directory (default {default_cache_dir()})"
     )
-    cache.add_argument(
-        "--cache-limit",
-        metavar="SIZE",
-        type=_size,
-        default=parse_size(DEFAULT_CACHE_LIMIT),
-        help=f"cache size limit, e.g. 500MB, 10GB (default {DEFAULT_CACHE_LIMIT})",
-    )
+    if with_limit:
+        cache.add_argument(
+            "--cache-limit",
+            metavar="SIZE",
+            type=_size,
+            default=parse_size(DEFAULT_CACHE_LIMIT),
+            help=f"cache size limit, e.g. 500MB, 10GB (default {DEFAULT_CACHE_LIMIT})",
+        )
     return cache
 
 
@@ -308,13 +309,17 @@ def _add_prefetch(commands: Any, parents: list[argparse.ArgumentParser]) -> None
     sub.set_defaults(handler="prefetch")
 
 
-def _add_cache(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
+def _add_cache(
+    commands: Any,
+    info_parents: list[argparse.ArgumentParser],
+    clear_parents: list[argparse.ArgumentParser],
+) -> None:
     sub = _command(commands, "cache", [], "show or clear the shard cache")
     actions = sub.add_subparsers(dest="action", required=True, metavar="ACTION")
-    info = _command(actions, "info", parents, "show directory, limit, entries and bytes used")
+    info = _command(actions, "info", info_parents, "show directory, limit, entries and bytes used")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(handler="cache-info")
-    clear = _command(actions, "clear", parents, "remove every cached shard")
+    clear = _command(actions, "clear", clear_parents, "remove every cached shard")
     clear.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     clear.set_defaults(handler="cache-clear")
 
