@@ -25,6 +25,7 @@ from wdsfs.errors import (
     StorageAccessError,
     WdsfsError,
 )
+from wdsfs.indexer import build_index, write_index
 from wdsfs.shard import Shard
 from wdsfs.source import Source, count_shards, list_shards
 from wdsfs.tar import read_samples
@@ -57,10 +58,12 @@ __all__ = [
     "StreamingWebDataset",
     "TransferCallback",
     "WdsfsError",
+    "build_index",
     "count_shards",
     "gather_state_dict",
     "list_shards",
     "read_samples",
+    "write_index",
 ]
 
 _TORCH_NAMES = {

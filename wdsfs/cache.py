@@ -172,6 +172,10 @@ class ShardCache:
             self._cache.close()
         self._cache = None
 
+    def exists(self) -> bool:
+        """Whether ``cache_dir`` already holds a cache (without creating one)."""
+        return Path(self.directory, diskcache.core.DBNAME).is_file()
+
     @staticmethod
     def key(shard: Shard) -> str:
         """The cache key of a shard: its URL and version."""

@@ -23,18 +23,17 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import diskcache
 from fsspec.callbacks import Callback
 
 from wdsfs._bench import BenchConfig, EpochStats, bench_epochs
 from wdsfs._cli_args import parse_args
 from wdsfs._fs import is_local
 from wdsfs.cache import ShardCache
-from wdsfs.download import FetchedShard, Fetcher
+from wdsfs.download import Fetcher
 from wdsfs.errors import WdsfsError
 from wdsfs.index import INDEX_NAME
 from wdsfs.indexer import (
@@ -197,10 +196,8 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
                 progress=bar,
             )
         )
-        ahead = cast(  # a generator: closing it cancels the transfers in flight
-            "Generator[FetchedShard, None, None]",
-            fetcher.fetch_ahead(shards, window=_PREFETCH_WINDOW),
-        )
+        # a generator: closing it cancels the transfers in flight
+        ahead = fetcher.fetch_ahead(shards, window=_PREFETCH_WINDOW)
         stack.enter_context(contextlib.closing(ahead))
         stack.callback(stop.set)  # on the way out (Ctrl-C too), first cancel every transfer
         for fetched in ahead:
@@ -226,7 +223,7 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
 def _cmd_cache_info(args: argparse.Namespace) -> int:
     cache = ShardCache(args.cache_dir, cache_limit=args.cache_limit)
     entries = used = 0
-    if _is_cache(cache):  # do not create a cache just to describe it
+    if cache.exists():  # do not create a cache just to describe it
         with cache:
             entries, used = len(cache), cache.volume()
     info = {
@@ -247,7 +244,7 @@ def _cmd_cache_info(args: argparse.Namespace) -> int:
 
 def _cmd_cache_clear(args: argparse.Namespace) -> int:
     cache = ShardCache(args.cache_dir)
-    if not _is_cache(cache):
+    if not cache.exists():
         print(f"{cache.directory}: no cache here; nothing to clear")
         return 0
     with cache:
@@ -260,11 +257,6 @@ def _cmd_cache_clear(args: argparse.Namespace) -> int:
         removed = cache.clear()
     print(f"{cache.directory}: removed {removed} shards ({_human(used)})")
     return 0
-
-
-def _is_cache(cache: ShardCache) -> bool:
-    """Whether the directory holds a cache (opening it would create one anywhere)."""
-    return Path(cache.directory, diskcache.core.DBNAME).is_file()
 
 
 def _confirm(question: str) -> bool:
@@ -326,7 +318,7 @@ class _ByteBar(Callback):  # type: ignore[misc]
     """
 
     def __init__(self, desc: str, *, total: int | None = None) -> None:
-        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+        from tqdm import tqdm
 
         super().__init__(size=total)
         self._lock = threading.Lock()

@@ -228,6 +228,6 @@ class ShardDownloader:
             except DownloadCancelled:
                 logger.debug("run(%d) cancelled", rank)
             finally:
-                fetched_iter.close()  # type: ignore[attr-defined]
+                fetched_iter.close()
         finally:
             self.finish_event.set()

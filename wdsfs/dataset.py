@@ -359,5 +359,5 @@ class _Readahead:
             yield from read_samples(fetched.file, url=fetched.shard.url, select=wanted, stop=stop)
 
     def close(self) -> None:
-        self.ahead.close()  # type: ignore[attr-defined]
+        self.ahead.close()
         self.fetcher.close()

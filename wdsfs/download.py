@@ -20,7 +20,6 @@ the cache atomically. Transient errors are retried with exponential backoff and 
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import contextlib
@@ -30,14 +29,14 @@ import os
 import random
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from fsspec.callbacks import Callback
 from fsspec.spec import AbstractFileSystem
 
-from wdsfs._fs import is_local, is_transient, translate_error, url_to_fs
+from wdsfs._fs import is_local, is_transient, read_range, translate_error, url_to_fs
 from wdsfs.cache import ShardCache
 from wdsfs.errors import CacheError, DownloadCancelled, DownloadError, IntegrityError, WdsfsError
 from wdsfs.metrics import FetchMetrics
@@ -49,7 +48,6 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "FetchedShard", "Fetcher", "TransferCallback"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
-_CANCEL_CHECK_SECONDS = 0.05
 _HASH_BLOCK = 4 * 1024 * 1024
 
 
@@ -374,7 +372,7 @@ class Fetcher:
         for attempt in range(1, self.max_attempts + 1):
             callback.check()
             try:
-                data = _read_range(fs, path, start, end, callback)
+                data = read_range(fs, path, start, end, callback)
             except DownloadCancelled:
                 raise
             except Exception as exc:
@@ -478,7 +476,9 @@ class Fetcher:
 
     # -- a read-ahead window -----------------------------------------------------------------
 
-    def fetch_ahead(self, shards: Iterable[Shard], *, window: int = 2) -> Iterator[FetchedShard]:
+    def fetch_ahead(
+        self, shards: Iterable[Shard], *, window: int = 2
+    ) -> Generator[FetchedShard, None, None]:
         """Yield fetched shards in order while up to ``window`` more download ahead.
 
         Closing the iterator (``break``, an exception, garbage collection) cancels the downloads
@@ -529,25 +529,6 @@ class _AnyEvent:
                 return True
             waited += deadline_step
         return self.is_set()
-
-
-def _read_range(
-    fs: AbstractFileSystem, path: str, start: int, end: int, callback: TransferCallback
-) -> bytes:
-    """Bytes ``[start, end)`` of ``path``; cancellable mid-transfer on async filesystems."""
-    loop = getattr(fs, "loop", None) if getattr(fs, "async_impl", False) else None
-    if loop is None or getattr(fs, "asynchronous", False):
-        data: bytes = fs.cat_file(path, start=start, end=end)
-        return data
-    future = asyncio.run_coroutine_threadsafe(fs._cat_file(path, start=start, end=end), loop)
-    while True:
-        try:
-            result: bytes = future.result(timeout=_CANCEL_CHECK_SECONDS)
-            return result
-        except concurrent.futures.TimeoutError:
-            if callback.cancelled():
-                future.cancel()
-                callback.check()
 
 
 def _remove(path: str) -> None:

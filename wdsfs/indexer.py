@@ -35,8 +35,8 @@ from typing import Any
 from fsspec.callbacks import Callback
 from fsspec.spec import AbstractFileSystem
 
-from wdsfs._fs import is_local, translate_error, url_to_fs
-from wdsfs.download import TransferCallback, _read_range
+from wdsfs._fs import is_local, read_range, translate_error, url_to_fs
+from wdsfs.download import TransferCallback
 from wdsfs.errors import IntegrityError, WdsfsError
 from wdsfs.index import INDEX_NAME, IndexEntry, ShardStats, dumps_index, scan_shard
 from wdsfs.shard import Shard
@@ -336,7 +336,7 @@ def _ranges(
         start, end = position, min(position + _BLOCK_SIZE, size)
         if start >= end:
             return b""
-        data = _read_range(fs, path, start, end, callback)
+        data = read_range(fs, path, start, end, callback)
         if len(data) != end - start:
             raise IntegrityError(
                 f"{url}: range {start}-{end} returned {len(data)} bytes, expected "
