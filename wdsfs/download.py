@@ -1,9 +1,10 @@
 """The fetcher: shard URL -> verified local file in the ShardCache.
 
-Each shard is fetched as ranged reads of ``chunk_size`` bytes spread over a thread pool of
-``max_workers`` connections and written at their offsets into a temp file in the cache directory
-(never the whole shard in memory). Chunks are queued in shard order, so the shard the reader
-needs next gets the connections first while later shards of the read-ahead window use the rest.
+Each shard is fetched as ranged reads of up to ``chunk_size`` bytes (smaller for small shards,
+so they too use every connection) spread over a priority thread pool of ``max_workers``
+connections, and written at their offsets into a temp file in the cache directory (never the
+whole shard in memory). Chunks run in shard order, then offset order, so the shard the reader
+needs next gets the connections first; the first shard of a read-ahead downloads alone.
 
 Every transfer reports to a :class:`TransferCallback` (an fsspec ``Callback``) that counts bytes
 for progress and verification and raises :class:`DownloadCancelled` once the stop event is set.
@@ -11,9 +12,9 @@ With async backends (s3fs, gcsfs, http, adlfs) a chunk in flight is cancelled on
 within ~50 ms, so a cancelled download stops moving bytes at once; sync backends (memory) stop
 at the next chunk.
 
-A finished download is verified (size always; MD5 where the backend or index gives one; else the
-object's version is checked again so an object replaced mid-download is noticed), then moved into
-the cache atomically. Transient errors are retried with exponential backoff and full jitter up to
+A finished download is verified (size always; MD5 where the backend or index gives one, hashed in
+offset order while chunks arrive; else the object's version is checked again so an object
+replaced mid-download is noticed), then moved into the cache atomically. Transient errors are retried with exponential backoff and full jitter up to
 ``max_attempts``; a wrong size or checksum is retried as a whole download, then raised as
 :class:`IntegrityError`. Missing objects and denied access fail at once.
 """
@@ -24,6 +25,7 @@ import collections
 import concurrent.futures
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import random
@@ -37,6 +39,7 @@ from fsspec.callbacks import Callback
 from fsspec.spec import AbstractFileSystem
 
 from wdsfs._fs import is_local, is_transient, read_range, translate_error, url_to_fs
+from wdsfs._pool import PriorityPool
 from wdsfs.cache import ShardCache
 from wdsfs.errors import CacheError, DownloadCancelled, DownloadError, IntegrityError, WdsfsError
 from wdsfs.metrics import FetchMetrics
@@ -47,7 +50,8 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "FetchedShard", "Fetcher", "TransferCallback"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+_MIN_CHUNK_SIZE = 1024 * 1024
 _HASH_BLOCK = 4 * 1024 * 1024
 
 
@@ -160,8 +164,9 @@ class Fetcher:
         self.progress = progress
         self.backoff = backoff
         self.metrics = FetchMetrics()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: PriorityPool | None = None
         self._pool_lock = threading.Lock()
+        self._order = itertools.count()  # priority of direct fetch() calls: first come first
 
     def __enter__(self) -> Fetcher:
         return self
@@ -174,24 +179,26 @@ class Fetcher:
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown()
 
-    def _chunk_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _chunk_pool(self) -> PriorityPool:
         with self._pool_lock:
             if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self.max_workers, thread_name_prefix="wdsfs-fetch"
-                )
+                self._pool = PriorityPool(self.max_workers, thread_name_prefix="wdsfs-fetch")
             return self._pool
 
     # -- one shard ---------------------------------------------------------------------------
 
-    def fetch(self, shard: Shard, *, stop: threading.Event | None = None) -> FetchedShard:
+    def fetch(
+        self, shard: Shard, *, stop: threading.Event | None = None, priority: int | None = None
+    ) -> FetchedShard:
         """Return the shard from the cache, downloading it first if needed (blocking).
 
         Args:
             shard: The shard to fetch.
             stop: An extra event that cancels this fetch only.
+            priority: Lower is served first when several downloads share the connections
+                (default: the order of the calls).
 
         Raises:
             DownloadCancelled: A stop event was set.
@@ -203,6 +210,7 @@ class Fetcher:
         events = (self.stop_event, stop) if stop is not None else (self.stop_event,)
         callback = TransferCallback(shard.url, events, self.progress)
         callback.check()
+        order = next(self._order) if priority is None else priority
         fs, path = url_to_fs(shard.url, self.storage_options)
         if is_local(fs):
             return self._open_local(shard, path)
@@ -215,7 +223,7 @@ class Fetcher:
                 handle = self.cache.open(key)  # another process may have just fetched it
                 if handle is None:
                     temp, _ = self._download_verified(
-                        fs, path, shard, callback, self.cache.temp_path
+                        fs, path, shard, callback, self.cache.temp_path, order
                     )
                     try:
                         handle = self.cache.commit(key, temp)
@@ -272,6 +280,7 @@ class Fetcher:
         shard: Shard,
         callback: TransferCallback,
         temp_path: Callable[[], str],
+        priority: int,
     ) -> tuple[str, int]:
         """Download and verify into a fresh temp file; return its path and size.
 
@@ -281,8 +290,8 @@ class Fetcher:
         for attempt in range(1, self.max_attempts + 1):
             temp = temp_path()
             try:
-                written = self._download(fs, path, shard, temp, callback)
-                self._verify(fs, path, shard, temp, written)
+                written, md5 = self._download(fs, path, shard, temp, callback, priority)
+                self._verify(fs, path, shard, temp, written, md5)
             except IntegrityError as exc:
                 self.metrics.add(integrity_failures=1)
                 logger.warning("%s (attempt %d/%d)", exc, attempt, self.max_attempts)
@@ -322,29 +331,50 @@ class Fetcher:
                 directory, f".{os.path.basename(output_path)}.{uuid.uuid4().hex}.part"
             )
 
-        temp, _ = self._download_verified(fs, path, shard, callback, temp_path)
+        temp, _ = self._download_verified(fs, path, shard, callback, temp_path, next(self._order))
         os.replace(temp, output_path)
 
     def _download(
-        self, fs: AbstractFileSystem, path: str, shard: Shard, temp: str, callback: TransferCallback
-    ) -> int:
-        """Write the object into ``temp`` with ranged reads on the pool; return bytes written."""
+        self,
+        fs: AbstractFileSystem,
+        path: str,
+        shard: Shard,
+        temp: str,
+        callback: TransferCallback,
+        priority: int,
+    ) -> tuple[int, str | None]:
+        """Write the object into ``temp`` with ranged reads on the pool.
+
+        Returns:
+            Bytes written, and the MD5 of the bytes (computed in offset order as chunks
+            arrive, when the shard has an MD5 to check), else None.
+        """
         size = shard.size
+        digest = _OrderedDigest() if self._checks_md5(shard) else None
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             if size is None:
-                return self._stream(fs, path, fd, shard.url, callback)
+                return self._stream(fs, path, fd, shard.url, callback, digest)
             callback.set_size(size)
             abort = threading.Event()
             chunk_callback = TransferCallback(shard.url, (*callback.stop_events, abort), callback)
-            ranges = [
-                (start, min(start + self.chunk_size, size))
-                for start in range(0, size, self.chunk_size)
-            ]
+            # small shards still use every connection; large ones stream in chunk_size pieces
+            step = max(_MIN_CHUNK_SIZE, min(self.chunk_size, -(-size // self.max_workers)))
             pool = self._chunk_pool()
             futures = [
-                pool.submit(self._chunk, fs, path, fd, start, end, shard.url, chunk_callback)
-                for start, end in ranges
+                pool.submit(
+                    (priority, start),
+                    self._chunk,
+                    fs,
+                    path,
+                    fd,
+                    start,
+                    min(start + step, size),
+                    shard.url,
+                    chunk_callback,
+                    digest,
+                )
+                for start in range(0, size, step)
             ]
             try:
                 for future in futures:
@@ -355,9 +385,12 @@ class Fetcher:
                     future.cancel()
                 concurrent.futures.wait(futures)
                 raise
-            return int(chunk_callback.value)
+            return int(chunk_callback.value), digest.hexdigest() if digest else None
         finally:
             os.close(fd)
+
+    def _checks_md5(self, shard: Shard) -> bool:
+        return self.verify and bool(shard.checksum and shard.checksum.startswith("md5:"))
 
     def _chunk(
         self,
@@ -368,6 +401,7 @@ class Fetcher:
         end: int,
         url: str,
         callback: TransferCallback,
+        digest: _OrderedDigest | None,
     ) -> None:
         for attempt in range(1, self.max_attempts + 1):
             callback.check()
@@ -394,12 +428,20 @@ class Fetcher:
                 self._sleep_before_retry(short, url, attempt, callback)
                 continue
             os.pwrite(fd, data, start)
+            if digest is not None:
+                digest.add(start, data)
             callback.relative_update(len(data))
             return
 
     def _stream(
-        self, fs: AbstractFileSystem, path: str, fd: int, url: str, callback: TransferCallback
-    ) -> int:
+        self,
+        fs: AbstractFileSystem,
+        path: str,
+        fd: int,
+        url: str,
+        callback: TransferCallback,
+        digest: _OrderedDigest | None,
+    ) -> tuple[int, str | None]:
         """Sequential download for objects of unknown size (some HTTP servers)."""
         written = 0
         try:
@@ -410,13 +452,15 @@ class Fetcher:
                     if not data:
                         break
                     os.pwrite(fd, data, written)
+                    if digest is not None:
+                        digest.add(written, data)
                     written += len(data)
                     callback.relative_update(len(data))
         except (DownloadCancelled, OSError) as exc:
             if isinstance(exc, WdsfsError):
                 raise
             raise self._final_error(exc, url, 1) from exc
-        return written
+        return written, digest.hexdigest() if digest else None
 
     def _final_error(self, exc: BaseException, url: str, attempt: int) -> WdsfsError:
         if "checksum" in str(exc).lower():  # e.g. botocore's response checksum validation
@@ -443,7 +487,13 @@ class Fetcher:
             callback.check()
 
     def _verify(
-        self, fs: AbstractFileSystem, path: str, shard: Shard, temp: str, written: int
+        self,
+        fs: AbstractFileSystem,
+        path: str,
+        shard: Shard,
+        temp: str,
+        written: int,
+        md5: str | None,
     ) -> None:
         size_on_disk = os.path.getsize(temp)
         if shard.size is not None and (written != shard.size or size_on_disk != shard.size):
@@ -452,9 +502,9 @@ class Fetcher:
                 "(object changed or truncated download)",
                 url=shard.url,
             )
-        if self.verify and shard.checksum and shard.checksum.startswith("md5:"):
-            expected = shard.checksum[4:]
-            got = _md5_of(temp)
+        if self._checks_md5(shard):
+            expected = (shard.checksum or "")[4:]
+            got = md5 if md5 is not None else _md5_of(temp)
             if got != expected:
                 raise IntegrityError(
                     f"{shard.url}: md5 {got}, expected {expected} "
@@ -481,6 +531,8 @@ class Fetcher:
     ) -> Generator[FetchedShard, None, None]:
         """Yield fetched shards in order while up to ``window`` more download ahead.
 
+        The first shard downloads alone (the reader waits for it: time to first sample), then
+        the window opens; shards earlier in the order get the connections first.
         Closing the iterator (``break``, an exception, garbage collection) cancels the downloads
         still in flight, waits for them, and closes handles the caller never received.
         """
@@ -492,16 +544,19 @@ class Fetcher:
             window + 1, thread_name_prefix="wdsfs-shard"
         ) as pool:
             todo = iter(shards)
+
+            def top_up(count: int) -> None:
+                while len(pending) < count and (shard := next(todo, None)) is not None:
+                    priority = next(self._order)
+                    pending.append(pool.submit(self.fetch, shard, stop=stop, priority=priority))
+
             try:
-                while True:
-                    while len(pending) <= window:
-                        shard = next(todo, None)
-                        if shard is None:
-                            break
-                        pending.append(pool.submit(self.fetch, shard, stop=stop))
-                    if not pending:
-                        return
-                    yield pending.popleft().result()
+                top_up(1)  # the first shard alone
+                while pending:
+                    fetched = pending.popleft().result()
+                    top_up(window)  # these download while the caller reads ``fetched``
+                    yield fetched
+                    top_up(1)  # window=0: one shard at a time
             finally:
                 stop.set()
                 for future in pending:
@@ -509,6 +564,33 @@ class Fetcher:
                 for future in pending:
                     if not future.cancelled() and future.exception() is None:
                         future.result().close()
+
+
+class _OrderedDigest:
+    """MD5 of chunks that arrive out of order, hashed in offset order as they become contiguous.
+
+    Chunks are dispatched in offset order, so few wait here; the shard is never read back.
+    """
+
+    def __init__(self) -> None:
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._next = 0
+        self._waiting: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def add(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            self._waiting[offset] = data
+            while self._next in self._waiting:
+                block = self._waiting.pop(self._next)
+                self._md5.update(block)
+                self._next += len(block)
+
+    def hexdigest(self) -> str:
+        with self._lock:
+            if self._waiting:
+                raise RuntimeError("MD5 asked for before every chunk arrived")
+            return self._md5.hexdigest()
 
 
 class _AnyEvent:
