@@ -635,7 +635,7 @@ class AzuriteServer(ProcessServer):
                 ],
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
-                timeout=600,
+                timeout=240,  # under pytest-timeout's 300 s: a clear error, not a test timeout
                 check=False,
             )
             self.install_seconds = time.monotonic() - begun

@@ -53,7 +53,9 @@ def test_error_hierarchy_and_pickling():
     import pickle
 
     for name in EXPECTED:
-        obj = getattr(wdsfs, name, None)
+        if name in wdsfs._TORCH_NAMES:  # not exceptions; and importing them needs torch
+            continue
+        obj = getattr(wdsfs, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, wdsfs.WdsfsError)
             exc = obj("s3://b/x.tar: what went wrong", url="s3://b/x.tar")
