@@ -14,9 +14,10 @@ at the next chunk.
 
 A finished download is verified (size always; MD5 where the backend or index gives one, hashed in
 offset order while chunks arrive; else the object's version is checked again so an object
-replaced mid-download is noticed), then moved into the cache atomically. Transient errors are retried with exponential backoff and full jitter up to
-``max_attempts``; a wrong size or checksum is retried as a whole download, then raised as
-:class:`IntegrityError`. Missing objects and denied access fail at once.
+replaced mid-download is noticed), then moved into the cache atomically. Transient errors are
+retried with exponential backoff and full jitter up to ``max_attempts``; a wrong size or
+checksum is retried as a whole download, then raised as :class:`IntegrityError`. Missing
+objects and denied access fail at once.
 """
 
 from __future__ import annotations
