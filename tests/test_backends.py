@@ -76,15 +76,16 @@ def test_s3_single_part_etag_is_the_md5(s3_bucket):
 
 
 @pytest.mark.gcs
-def test_gcs_generation_and_md5(gcs_server, tmp_path):
-    import hashlib
+def test_gcs_generation_and_crc32c(gcs_server, tmp_path):
+    import google_crc32c
 
     gcs_server.make_bucket("gens")
     fs = gcs_server.filesystem()
     fs.pipe("gens/ds/shard-000000.tar", make_shard(0, 2))
     options = gcs_server.storage_options
     (first,) = list_shards("gs://gens/ds", storage_options=options)
-    assert first.checksum == "md5:" + hashlib.md5(make_shard(0, 2)).hexdigest()
+    # GCS keeps MD5 and CRC32C: the cheaper CRC32C is the one verified
+    assert first.checksum == f"crc32c:{google_crc32c.value(make_shard(0, 2)):08x}"
     assert _read_all([first], options, tmp_path / "c") == [make_shard(0, 2)]
     time.sleep(0.01)
     fs.pipe("gens/ds/shard-000000.tar", make_shard(0, 5))  # a new generation
@@ -102,3 +103,30 @@ def test_azure_lists_and_verifies(azurite_server, tmp_path):
     (shard,) = list_shards("az://blobs/ds", storage_options=options)
     assert shard.size == len(make_shard(0, 4))
     assert _read_all([shard], options, tmp_path / "c") == [make_shard(0, 4)]
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("server", ["moto_server", "seaweedfs_server"])
+def test_s3_keeps_the_sdk_crc32_and_the_fetcher_verifies_it(request, server, tmp_path):
+    """SDK uploads store a CRC32 (HEAD with ChecksumMode shows it): cheaper than the ETag MD5."""
+    import zlib
+
+    from tests.remotes import bucket_remote
+    from wdsfs._fs import url_to_fs
+    from wdsfs.checksum import Checksum
+    from wdsfs.source import s3_store_checksum
+
+    with bucket_remote(request.getfixturevalue(server), protocol="s3", scheme="s3") as remote:
+        data = make_shard(0, 3)
+        remote.put("shard-000000.tar", data)
+        (shard,) = list_shards(remote.url, storage_options=remote.storage_options)
+        assert shard.checksum is not None and shard.checksum.startswith("md5:")  # the ETag
+        fs, path = url_to_fs(shard.url, remote.storage_options)
+        crc = Checksum("crc32", f"{zlib.crc32(data):08x}")
+        assert s3_store_checksum(fs, path, shard) == crc
+        with Fetcher(ShardCache(tmp_path / "c"), storage_options=remote.storage_options) as f:
+            assert f._with_store_checksum(fs, path, shard).checksum == str(crc)
+            with f.fetch(shard) as fetched:
+                assert fetched.file.read() == data
+        remote.put("shard-000000.tar", make_shard(0, 4))  # replaced after the listing
+        assert s3_store_checksum(fs, path, shard) is None  # not the listed version's checksum

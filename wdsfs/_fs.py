@@ -8,10 +8,9 @@ forked DataLoader worker never touches its parent's async event loop.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import fsspec
 from fsspec.spec import AbstractFileSystem
@@ -189,38 +188,3 @@ def parse_size(value: int | str) -> int:
     if size <= 0:
         raise ValueError(f"size must be positive, got {value!r}")
     return size
-
-
-class Cancellable(Protocol):
-    """A transfer that can be told to stop (``TransferCallback``)."""
-
-    def cancelled(self) -> bool: ...
-
-    def check(self) -> None: ...
-
-
-_CANCEL_CHECK_SECONDS = 0.05
-
-
-def read_range(
-    fs: AbstractFileSystem, path: str, start: int, end: int, transfer: Cancellable
-) -> bytes:
-    """Bytes ``[start, end)`` of ``path``; cancellable mid-transfer on async filesystems.
-
-    On async filesystems (s3fs, gcsfs, http, adlfs) the read runs on fsspec's event loop and is
-    cancelled there within ~50 ms of ``transfer.cancelled()`` turning true; ``transfer.check()``
-    then raises. Sync filesystems read the range in one call.
-    """
-    loop = getattr(fs, "loop", None) if getattr(fs, "async_impl", False) else None
-    if loop is None or getattr(fs, "asynchronous", False):
-        data: bytes = fs.cat_file(path, start=start, end=end)
-        return data
-    future = asyncio.run_coroutine_threadsafe(fs._cat_file(path, start=start, end=end), loop)
-    while True:
-        try:
-            result: bytes = future.result(timeout=_CANCEL_CHECK_SECONDS)
-            return result
-        except concurrent.futures.TimeoutError:
-            if transfer.cancelled():
-                future.cancel()
-                transfer.check()

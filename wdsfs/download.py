@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import hashlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -39,13 +39,15 @@ from typing import IO, Any
 from fsspec.callbacks import Callback
 from fsspec.spec import AbstractFileSystem
 
-from wdsfs._fs import is_local, is_transient, read_range, translate_error, url_to_fs
+from wdsfs._fs import is_local, is_transient, translate_error, url_to_fs
 from wdsfs._pool import PriorityPool
+from wdsfs._ranged import stream_range
 from wdsfs.cache import ShardCache
+from wdsfs.checksum import Checksum, ObjectDigest, best
 from wdsfs.errors import CacheError, DownloadCancelled, DownloadError, IntegrityError, WdsfsError
 from wdsfs.metrics import FetchMetrics
 from wdsfs.shard import Shard
-from wdsfs.source import shard_from_info
+from wdsfs.source import s3_store_checksum, shard_from_info
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "FetchedShard", "Fetcher", "TransferCallback"]
 
@@ -53,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 _MIN_CHUNK_SIZE = 1024 * 1024
-_HASH_BLOCK = 4 * 1024 * 1024
 
 
 class TransferCallback(Callback):  # type: ignore[misc]
@@ -132,7 +133,8 @@ class Fetcher:
         max_workers: Concurrent connections (chunk transfers) of this fetcher.
         chunk_size: Bytes per ranged read.
         max_attempts: Tries per chunk for transient errors, and per shard for integrity errors.
-        verify: Check MD5 when one is known (size is always checked).
+        verify: Check the object's checksum when one is known (CRC32C, CRC32 or MD5, the
+            cheapest the index or store gives); the size is always checked.
         stop_event: Setting it cancels every transfer of this fetcher.
         progress: fsspec Callback (e.g. ``fsspec.callbacks.TqdmCallback``) receiving all bytes.
         backoff: Base seconds of the exponential retry backoff.
@@ -223,6 +225,7 @@ class Fetcher:
             with self.cache.lock(key, stop_event=_AnyEvent(events)):
                 handle = self.cache.open(key)  # another process may have just fetched it
                 if handle is None:
+                    shard = self._with_store_checksum(fs, path, shard)
                     temp, _ = self._download_verified(
                         fs, path, shard, callback, self.cache.temp_path, order
                     )
@@ -274,6 +277,23 @@ class Fetcher:
             num_samples=shard.num_samples,
         )
 
+    def _with_store_checksum(self, fs: AbstractFileSystem, path: str, shard: Shard) -> Shard:
+        """Add a checksum the store keeps beyond ``info()`` (S3: CRC32/CRC32C), if cheaper.
+
+        Only when the store's version is the one the shard was listed with: an index's MD5
+        names the content itself and stays the checksum to verify.
+        """
+        if not self.verify or (shard.version or "").startswith("md5:"):
+            return shard
+        try:
+            found = s3_store_checksum(fs, path, shard)
+        except Exception as exc:
+            raise translate_error(exc, shard.url, "looking up") from exc
+        chosen = best([Checksum.parse(shard.checksum), found])
+        if chosen is None or str(chosen) == shard.checksum:
+            return shard
+        return dataclasses.replace(shard, checksum=str(chosen))
+
     def _download_verified(
         self,
         fs: AbstractFileSystem,
@@ -291,8 +311,8 @@ class Fetcher:
         for attempt in range(1, self.max_attempts + 1):
             temp = temp_path()
             try:
-                written, md5 = self._download(fs, path, shard, temp, callback, priority)
-                self._verify(fs, path, shard, temp, written, md5)
+                written, digest = self._download(fs, path, shard, temp, callback, priority)
+                self._verify(fs, path, shard, temp, written, digest)
             except IntegrityError as exc:
                 self.metrics.add(integrity_failures=1)
                 logger.warning("%s (attempt %d/%d)", exc, attempt, self.max_attempts)
@@ -347,15 +367,17 @@ class Fetcher:
         """Write the object into ``temp`` with ranged reads on the pool.
 
         Returns:
-            Bytes written, and the MD5 of the bytes (computed in offset order as chunks
-            arrive, when the shard has an MD5 to check), else None.
+            Bytes written, and the object's checksum in hex for the algorithm of the shard's
+            checksum (CRCs computed per chunk as bytes arrive, MD5 in offset order), else None.
         """
         size = shard.size
-        digest = _OrderedDigest() if self._checks_md5(shard) else None
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        expected = self._expected_checksum(shard)
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        digest = ObjectDigest(expected.algorithm if expected else None, fd)
         try:
             if size is None:
-                return self._stream(fs, path, fd, shard.url, callback, digest)
+                self._stream(fs, path, fd, shard.url, callback, digest)
+                return digest.length, digest.hexdigest()
             callback.set_size(size)
             abort = threading.Event()
             chunk_callback = TransferCallback(shard.url, (*callback.stop_events, abort), callback)
@@ -386,12 +408,12 @@ class Fetcher:
                     future.cancel()
                 concurrent.futures.wait(futures)
                 raise
-            return int(chunk_callback.value), digest.hexdigest() if digest else None
+            return digest.length, digest.hexdigest()
         finally:
             os.close(fd)
 
-    def _checks_md5(self, shard: Shard) -> bool:
-        return self.verify and bool(shard.checksum and shard.checksum.startswith("md5:"))
+    def _expected_checksum(self, shard: Shard) -> Checksum | None:
+        return Checksum.parse(shard.checksum) if self.verify else None
 
     def _chunk(
         self,
@@ -402,12 +424,19 @@ class Fetcher:
         end: int,
         url: str,
         callback: TransferCallback,
-        digest: _OrderedDigest | None,
+        digest: ObjectDigest,
     ) -> None:
         for attempt in range(1, self.max_attempts + 1):
             callback.check()
+            chunk = digest.chunk(start)
+
+            def sink(piece: bytes, chunk: Any = chunk) -> None:
+                os.pwrite(fd, piece, chunk.offset + chunk.length)
+                chunk.update(piece)
+                callback.relative_update(len(piece))
+
             try:
-                data = read_range(fs, path, start, end, callback)
+                received = stream_range(fs, path, start, end, sink, callback)
             except DownloadCancelled:
                 raise
             except Exception as exc:
@@ -415,23 +444,20 @@ class Fetcher:
                     raise self._final_error(exc, url, attempt) from exc
                 self._sleep_before_retry(exc, url, attempt, callback)
                 continue
-            if len(data) != end - start:
+            if received != end - start:
                 # a short or long body: retried like a reset connection
                 short = DownloadError(
-                    f"{url}: range {start}-{end} returned {len(data)} bytes", url=url
+                    f"{url}: range {start}-{end} returned {received} bytes", url=url
                 )
                 if attempt == self.max_attempts:
                     raise IntegrityError(
-                        f"{url}: size {len(data)} bytes for range {start}-{end}, expected "
+                        f"{url}: size {received} bytes for range {start}-{end}, expected "
                         f"{end - start} (object changed or truncated download)",
                         url=url,
                     )
                 self._sleep_before_retry(short, url, attempt, callback)
                 continue
-            os.pwrite(fd, data, start)
-            if digest is not None:
-                digest.add(start, data)
-            callback.relative_update(len(data))
+            digest.done(chunk)
             return
 
     def _stream(
@@ -441,10 +467,10 @@ class Fetcher:
         fd: int,
         url: str,
         callback: TransferCallback,
-        digest: _OrderedDigest | None,
-    ) -> tuple[int, str | None]:
+        digest: ObjectDigest,
+    ) -> None:
         """Sequential download for objects of unknown size (some HTTP servers)."""
-        written = 0
+        chunk = digest.chunk(0)
         try:
             with fs.open(path, "rb", block_size=0) as remote:
                 while True:
@@ -452,16 +478,14 @@ class Fetcher:
                     data = remote.read(min(self.chunk_size, 1024 * 1024))
                     if not data:
                         break
-                    os.pwrite(fd, data, written)
-                    if digest is not None:
-                        digest.add(written, data)
-                    written += len(data)
+                    os.pwrite(fd, data, chunk.length)
+                    chunk.update(data)
                     callback.relative_update(len(data))
         except (DownloadCancelled, OSError) as exc:
             if isinstance(exc, WdsfsError):
                 raise
             raise self._final_error(exc, url, 1) from exc
-        return written, digest.hexdigest() if digest else None
+        digest.done(chunk)
 
     def _final_error(self, exc: BaseException, url: str, attempt: int) -> WdsfsError:
         if "checksum" in str(exc).lower():  # e.g. botocore's response checksum validation
@@ -494,7 +518,7 @@ class Fetcher:
         shard: Shard,
         temp: str,
         written: int,
-        md5: str | None,
+        digest: str | None,
     ) -> None:
         size_on_disk = os.path.getsize(temp)
         if shard.size is not None and (written != shard.size or size_on_disk != shard.size):
@@ -503,13 +527,12 @@ class Fetcher:
                 "(object changed or truncated download)",
                 url=shard.url,
             )
-        if self._checks_md5(shard):
-            expected = (shard.checksum or "")[4:]
-            got = md5 if md5 is not None else _md5_of(temp)
-            if got != expected:
+        expected = self._expected_checksum(shard)
+        if expected is not None:
+            if digest != expected.value:
                 raise IntegrityError(
-                    f"{shard.url}: md5 {got}, expected {expected} "
-                    "(corrupted download or object changed)",
+                    f"{shard.url}: {expected.algorithm} checksum {digest}, "
+                    f"expected {expected.value} (corrupted download or object changed)",
                     url=shard.url,
                 )
         elif shard.version is not None and not shard.version.startswith("md5:"):
@@ -567,33 +590,6 @@ class Fetcher:
                         future.result().close()
 
 
-class _OrderedDigest:
-    """MD5 of chunks that arrive out of order, hashed in offset order as they become contiguous.
-
-    Chunks are dispatched in offset order, so few wait here; the shard is never read back.
-    """
-
-    def __init__(self) -> None:
-        self._md5 = hashlib.md5(usedforsecurity=False)
-        self._next = 0
-        self._waiting: dict[int, bytes] = {}
-        self._lock = threading.Lock()
-
-    def add(self, offset: int, data: bytes) -> None:
-        with self._lock:
-            self._waiting[offset] = data
-            while self._next in self._waiting:
-                block = self._waiting.pop(self._next)
-                self._md5.update(block)
-                self._next += len(block)
-
-    def hexdigest(self) -> str:
-        with self._lock:
-            if self._waiting:
-                raise RuntimeError("MD5 asked for before every chunk arrived")
-            return self._md5.hexdigest()
-
-
 class _AnyEvent:
     """Wait on several events (the fetcher's and a caller's) as if they were one."""
 
@@ -617,11 +613,3 @@ class _AnyEvent:
 def _remove(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def _md5_of(path: str) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()

@@ -35,7 +35,8 @@ from typing import Any
 from fsspec.callbacks import Callback
 from fsspec.spec import AbstractFileSystem
 
-from wdsfs._fs import is_local, read_range, translate_error, url_to_fs
+from wdsfs._fs import is_local, translate_error, url_to_fs
+from wdsfs._ranged import read_range
 from wdsfs.download import TransferCallback
 from wdsfs.errors import IntegrityError, WdsfsError
 from wdsfs.index import INDEX_NAME, IndexEntry, ShardStats, dumps_index, scan_shard

@@ -16,8 +16,9 @@ class Shard:
         size: Size in bytes, when known.
         version: What identifies this content of the object: an ETag, a GCS generation, or
             ``size-mtime``; part of the cache key so a replaced object is fetched again.
-        checksum: ``"md5:<hex>"`` when the storage (S3 single-part ETag, GCS/Azure MD5) or the
-            index gives one that applies to the whole object.
+        checksum: ``"<algorithm>:<hex>"`` (``crc32c``, ``crc32`` or ``md5``, see
+            :mod:`wdsfs.checksum`) when the storage (GCS CRC32C, S3 CRC32/CRC32C or single-part
+            ETag, Azure MD5) or the index gives one that applies to the whole object.
         num_samples: Number of samples, when an index gave it.
     """
 

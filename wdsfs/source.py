@@ -17,10 +17,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import fsspec.asyn
 from braceexpand import braceexpand
 from fsspec.spec import AbstractFileSystem
 
 from wdsfs._fs import full_url, translate_error, url_to_fs
+from wdsfs.checksum import Checksum, best
 from wdsfs.errors import NoShardsError, ShardNotFoundError
 from wdsfs.shard import Shard
 
@@ -232,13 +234,12 @@ def shard_from_info(fs: AbstractFileSystem, info: Mapping[str, Any]) -> Shard:
     """A :class:`Shard` from an fsspec ``info()``/``find(detail=True)`` entry.
 
     The version is the most specific identity the backend gives (S3 VersionId or ETag, GCS
-    generation, Azure etag, else size and modification time); the checksum is an MD5 that applies
-    to the whole object (S3 single-part ETag, GCS/Azure md5).
+    generation, Azure etag, else size and modification time); the checksum is the cheapest one
+    that applies to the whole object (GCS crc32c, else GCS/Azure MD5 or an S3 single-part ETag).
     """
     name = str(info["name"])
     size = info.get("size")
     size = int(size) if size is not None else None
-    checksum: str | None = None
     etag = info.get("ETag") or info.get("etag")
     etag = str(etag).strip('"') if etag else None
     md5_b64 = info.get("md5Hash")
@@ -247,10 +248,11 @@ def shard_from_info(fs: AbstractFileSystem, info: Mapping[str, Any]) -> Shard:
         if isinstance(info.get("content_settings"), Mapping)
         else None
     )
+    candidates = [_checksum_b64("crc32c", info.get("crc32c"))]  # GCS
     if md5_b64:
-        checksum = "md5:" + base64.b64decode(md5_b64).hex()
+        candidates.append(_checksum_b64("md5", md5_b64))
     elif content_md5:
-        checksum = "md5:" + bytes(content_md5).hex()
+        candidates.append(Checksum.from_bytes("md5", bytes(content_md5)))
     elif (
         etag
         and len(etag) == 32
@@ -258,7 +260,9 @@ def shard_from_info(fs: AbstractFileSystem, info: Mapping[str, Any]) -> Shard:
         and _is_hex(etag)
         and _protocol_of(fs) in {"s3", "s3a"}
     ):
-        checksum = "md5:" + etag.lower()
+        candidates.append(Checksum("md5", etag.lower()))
+    chosen = best(candidates)
+    checksum = str(chosen) if chosen else None
     version = (
         info.get("VersionId")
         or info.get("generation")
@@ -277,6 +281,48 @@ def shard_from_info(fs: AbstractFileSystem, info: Mapping[str, Any]) -> Shard:
         f"{size}-{version}" if version is not None else (str(size) if size is not None else None)
     )
     return Shard(url=full_url(fs, name), size=size, version=version_text, checksum=checksum)
+
+
+def s3_store_checksum(fs: AbstractFileSystem, path: str, shard: Shard) -> Checksum | None:
+    """The CRC32C or CRC32 S3 keeps for the whole object (``HEAD`` with ``ChecksumMode``).
+
+    S3 and the SDKs' default uploads store one (``fs.info`` does not show it). None for other
+    stores, composite (per-part) checksums, or when the object is no longer the listed
+    version (the download's own checks then report the change).
+    """
+    if _protocol_of(fs) not in {"s3", "s3a"} or not hasattr(fs, "_call_s3"):
+        return None
+    bucket, key, version_id = fs.split_path(path)
+    head = fsspec.asyn.sync(
+        fs.loop,
+        fs._call_s3,
+        "head_object",
+        Bucket=bucket,
+        Key=key,
+        ChecksumMode="ENABLED",
+        **({"VersionId": version_id} if version_id else {}),
+    )
+    identities = {head.get("VersionId"), str(head.get("ETag", "")).strip('"')}
+    if shard.version not in {f"{head.get('ContentLength')}-{i}" for i in identities if i}:
+        return None
+    if head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    return best(
+        [
+            _checksum_b64("crc32c", head.get("ChecksumCRC32C")),
+            _checksum_b64("crc32", head.get("ChecksumCRC32")),
+        ]
+    )
+
+
+def _checksum_b64(algorithm: str, value: object) -> Checksum | None:
+    """A checksum sent base64-encoded (S3, GCS); None if absent or composite (``...-3``)."""
+    if not isinstance(value, str) or not value or "-" in value:
+        return None
+    try:
+        return Checksum.from_bytes(algorithm, base64.b64decode(value, validate=True))
+    except ValueError:
+        return None
 
 
 def _protocol_of(fs: AbstractFileSystem) -> str:

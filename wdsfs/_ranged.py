@@ -1,0 +1,132 @@
+"""Ranged reads: bytes ``[start, end)`` of an object, cancellable (not public API).
+
+:func:`stream_range` hands the bytes to a sink piece by piece as the socket delivers them
+(tens of KB each) instead of joining them into one large buffer first: for S3 and HTTP(S) it
+reads the aiohttp response body directly. That halves the client's CPU per byte against
+``fs.cat_file(start=, end=)`` (measured on loopback: 0.4 vs 0.7-0.75 CPU-s/GB), which is what
+a download competing with the storage server for cores needs. Other async backends (gcsfs,
+adlfs) read the range with ``_cat_file`` and give one piece; sync ones (memory) too.
+
+On async filesystems the read runs on fsspec's event loop and is cancelled there within ~50 ms
+of ``transfer.cancelled()`` turning true; ``transfer.check()`` then raises. The sink runs on
+the event loop thread: it must be quick (a ``pwrite`` and a CRC of one piece are; handing the
+pieces to another thread instead was measured slower: the wake-ups cost more than they free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from fsspec.spec import AbstractFileSystem
+
+from wdsfs.errors import DownloadError
+
+__all__ = ["Cancellable", "read_range", "stream_range"]
+
+Sink = Callable[[bytes], None]
+
+_CANCEL_CHECK_SECONDS = 0.05
+
+
+class Cancellable(Protocol):
+    """A transfer that can be told to stop (``TransferCallback``)."""
+
+    def cancelled(self) -> bool: ...
+
+    def check(self) -> None: ...
+
+
+def stream_range(
+    fs: AbstractFileSystem, path: str, start: int, end: int, sink: Sink, transfer: Cancellable
+) -> int:
+    """Feed bytes ``[start, end)`` of ``path`` to ``sink`` as they arrive; return how many.
+
+    Returns the number of bytes the server sent: a body longer than the range gives a larger
+    count (the bytes past the range are not given to the sink), a shorter one a smaller count;
+    the caller decides (retry, or an integrity error).
+    """
+    loop = getattr(fs, "loop", None) if getattr(fs, "async_impl", False) else None
+    if loop is None or getattr(fs, "asynchronous", False):
+        return _sink_whole(fs.cat_file(path, start=start, end=end), start, end, sink)
+    future = asyncio.run_coroutine_threadsafe(_stream(fs, path, start, end, sink), loop)
+    while True:
+        try:
+            count: int = future.result(timeout=_CANCEL_CHECK_SECONDS)
+            return count
+        except concurrent.futures.TimeoutError:
+            if transfer.cancelled():
+                future.cancel()
+                transfer.check()
+
+
+def read_range(
+    fs: AbstractFileSystem, path: str, start: int, end: int, transfer: Cancellable
+) -> bytes:
+    """Bytes ``[start, end)`` of ``path`` in one buffer (for small reads), cancellable."""
+    pieces: list[bytes] = []
+    stream_range(fs, path, start, end, pieces.append, transfer)
+    return b"".join(pieces)
+
+
+async def _stream(fs: AbstractFileSystem, path: str, start: int, end: int, sink: Sink) -> int:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "s3" in protocols and hasattr(fs, "_call_s3"):
+        return await _stream_s3(fs, path, start, end, sink)
+    if "http" in protocols and hasattr(fs, "set_session"):
+        return await _stream_http(fs, path, start, end, sink)
+    return _sink_whole(await fs._cat_file(path, start=start, end=end), start, end, sink)
+
+
+async def _stream_s3(fs: Any, path: str, start: int, end: int, sink: Sink) -> int:
+    """s3fs's ranged ``get_object`` (same request as its ``_cat_file``), body streamed."""
+    if start >= end:
+        return 0
+    bucket, key, version = fs.split_path(path)
+    response = await fs._call_s3(
+        "get_object",
+        Bucket=bucket,
+        Key=key,
+        Range=f"bytes={start}-{end - 1}",
+        **({"VersionId": version} if version else {}),
+    )
+    body = response["Body"]
+    try:
+        return await _drain(body.raw_stream.content, end - start, sink)
+    finally:
+        body.close()
+
+
+async def _stream_http(fs: Any, url: str, start: int, end: int, sink: Sink) -> int:
+    """fsspec HTTPFileSystem's ranged GET (same session and options), body streamed."""
+    if start >= end:
+        return 0
+    kwargs = dict(fs.kwargs)
+    kwargs["headers"] = {**kwargs.get("headers", {}), "Range": f"bytes={start}-{end - 1}"}
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), **kwargs) as response:
+        fs._raise_not_found_for_status(response, url)
+        if response.status != 206 and start > 0:
+            raise DownloadError(
+                f"{url}: the server ignored the Range header (HTTP {response.status})", url=url
+            )
+        return await _drain(response.content, end - start, sink)
+
+
+async def _drain(content: Any, expected: int, sink: Sink) -> int:
+    """Feed an aiohttp ``StreamReader`` to ``sink`` until EOF or the first byte too many."""
+    count = 0
+    while piece := await content.readany():
+        if count + len(piece) > expected:
+            return count + len(piece)  # longer than the range: nothing past it is written
+        count += len(piece)
+        sink(piece)
+    return count
+
+
+def _sink_whole(data: bytes, start: int, end: int, sink: Sink) -> int:
+    if len(data) <= end - start:
+        sink(data)
+    return len(data)
