@@ -273,3 +273,35 @@ def test_torch_distributed_checkpoint_then_resume_on_one_process(tmp_path):
     after = json.loads((tmp_path / "second-0.json").read_text())
     assert 0 < len(before) < len(expected)
     assert sorted(before + after) == sorted(expected)
+
+
+def test_plain_samples_pass_unconverted_and_others_as_default_convert() -> None:
+    import numpy as np
+    import torch
+    from torch.utils.data._utils.collate import default_convert
+
+    from wdsfs.loader import _convert_sample
+
+    plain = {"__key__": "a", "jpg": b"x", "cls": 3, "score": 0.5, "none": None}
+    assert _convert_sample(plain) == default_convert(plain) == plain
+    mixed = {"__key__": "a", "npy": np.arange(3)}
+    converted = _convert_sample(mixed)
+    assert isinstance(converted["npy"], torch.Tensor)
+    assert converted["npy"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_SETPIPE_SZ is Linux's")
+def test_worker_result_pipe_is_widened(tmp_path: Path) -> None:
+    import fcntl
+
+    keys = write(tmp_path / "ds", [3, 3])
+    loader = make_loader(tmp_path / "ds", tmp_path / "c", num_workers=1, batch_size=2)
+    iterator = loader._get_iterator()
+    try:
+        reader = iterator._worker_result_queue._reader
+        size = fcntl.fcntl(reader.fileno(), fcntl.F_GETPIPE_SZ)
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            assert size == min(1024 * 1024, int(f.read()))
+        assert set(flat(t.batch for t in iterator)) == keys  # batches still cross intact
+    finally:
+        iterator._shutdown_workers()

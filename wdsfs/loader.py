@@ -35,6 +35,8 @@ __all__ = ["StreamingDataLoader", "gather_state_dict", "merge_state_dicts"]
 
 logger = logging.getLogger(__name__)
 
+_RESULT_PIPE_BYTES = 1024 * 1024
+
 _FORMAT = "wdsfs-loader-state"
 _VERSION = 1
 
@@ -63,6 +65,17 @@ class _Tracked:
         return _Tracked(pinned, self.reader, self.state, self.items, self.samples)
 
 
+_PLAIN_TYPES = frozenset({bytes, str, int, float, bool, type(None)})
+
+
+def _convert_sample(sample: Any) -> Any:
+    """``default_convert`` (the collate of ``batch_size=None``), without its recursion for the
+    common sample, a dict of bytes/str/numbers, that it would return unchanged."""
+    if type(sample) is dict and all(type(value) in _PLAIN_TYPES for value in sample.values()):
+        return sample
+    return default_convert(sample)  # type: ignore[no-untyped-call]
+
+
 class _TrackingCollate:
     """Wraps the user's collate_fn: same batch, plus the producing reader's state."""
 
@@ -86,6 +99,30 @@ class _TrackingCollate:
         items = None if work.planned else [item.to_json() for item in work.items]
         count = len(samples) if isinstance(samples, list) else 1
         return _Tracked(self.collate_fn(samples), work.reader.index, state, items, count)
+
+
+def _widen_result_pipe(iterator: Any) -> None:
+    """Let the workers' result pipe hold up to 1 MiB instead of Linux's 64 KiB.
+
+    A sample of ~100 KB then crosses in one write instead of several, each a context switch
+    between a worker and the main process (measured: ~1.5x the bytes per second on 2 cores).
+    Best effort: only where ``F_SETPIPE_SZ`` exists and the system limit allows it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    queue = getattr(iterator, "_worker_result_queue", None)
+    reader = getattr(queue, "_reader", None)
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+    if reader is None or set_size is None:
+        return
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            size = min(_RESULT_PIPE_BYTES, int(f.read()))
+        fcntl.fcntl(reader.fileno(), set_size, size)
+    except (OSError, ValueError):
+        logger.debug("cannot widen the DataLoader result pipe", exc_info=True)
 
 
 def dataset_fingerprint(dataset: StreamingWebDataset) -> str:
@@ -119,7 +156,7 @@ class StreamingDataLoader(DataLoader[Any]):
                 raise ValueError(f"{name}= does not apply: the dataset plans and shuffles itself")
         user_collate = kwargs.pop("collate_fn", None)
         if user_collate is None:
-            user_collate = default_collate if batch_size is not None else default_convert
+            user_collate = default_collate if batch_size is not None else _convert_sample
         dataset.shards()  # list once here; forked workers inherit the list
         super().__init__(
             dataset,
@@ -161,6 +198,11 @@ class StreamingDataLoader(DataLoader[Any]):
             self._finished = True
         finally:
             dataset._resume = None
+
+    def _get_iterator(self) -> Any:
+        iterator = super()._get_iterator()
+        _widen_result_pipe(iterator)
+        return iterator
 
     def _config(self) -> dict[str, Any]:
         dataset = self.streaming_dataset
