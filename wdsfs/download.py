@@ -43,7 +43,7 @@ from wdsfs._fs import is_local, is_transient, translate_error, url_to_fs
 from wdsfs._pool import PriorityPool
 from wdsfs._ranged import stream_range
 from wdsfs.cache import ShardCache
-from wdsfs.checksum import Checksum, ObjectDigest, best
+from wdsfs.checksum import Checksum, ChunkDigest, ObjectDigest, best
 from wdsfs.errors import CacheError, DownloadCancelled, DownloadError, IntegrityError, WdsfsError
 from wdsfs.metrics import FetchMetrics
 from wdsfs.shard import Shard
@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 _MIN_CHUNK_SIZE = 1024 * 1024
+_REPORT_BYTES = 512 * 1024
 
 
 class TransferCallback(Callback):  # type: ignore[misc]
@@ -429,14 +430,10 @@ class Fetcher:
         for attempt in range(1, self.max_attempts + 1):
             callback.check()
             chunk = digest.chunk(start)
-
-            def sink(piece: bytes, chunk: Any = chunk) -> None:
-                os.pwrite(fd, piece, chunk.offset + chunk.length)
-                chunk.update(piece)
-                callback.relative_update(len(piece))
-
+            writer = _ChunkWriter(fd, chunk, callback)
             try:
-                received = stream_range(fs, path, start, end, sink, callback)
+                received = stream_range(fs, path, start, end, writer, callback)
+                writer.report()
             except DownloadCancelled:
                 raise
             except Exception as exc:
@@ -588,6 +585,35 @@ class Fetcher:
                 for future in pending:
                     if not future.cancelled() and future.exception() is None:
                         future.result().close()
+
+
+class _ChunkWriter:
+    """The sink of one chunk transfer: writes each piece at its offset and hashes it.
+
+    It runs on the event loop thread for every piece (tens of KB), so progress (and with it the
+    cancellation check) is reported per ``_REPORT_BYTES`` rather than per piece.
+    """
+
+    __slots__ = ("callback", "chunk", "fd", "reported")
+
+    def __init__(self, fd: int, chunk: ChunkDigest, callback: TransferCallback) -> None:
+        self.fd = fd
+        self.chunk = chunk
+        self.callback = callback
+        self.reported = 0
+
+    def __call__(self, piece: bytes) -> None:
+        chunk = self.chunk
+        os.pwrite(self.fd, piece, chunk.offset + chunk.length)
+        chunk.update(piece)
+        if chunk.length - self.reported >= _REPORT_BYTES:
+            self.report()
+
+    def report(self) -> None:
+        """Send the bytes not yet reported to the callback (which may cancel)."""
+        new, self.reported = self.chunk.length - self.reported, self.chunk.length
+        if new:
+            self.callback.relative_update(new)
 
 
 class _AnyEvent:
