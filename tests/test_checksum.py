@@ -127,3 +127,15 @@ def test_object_digest_without_algorithm_counts_bytes(tmp_path) -> None:
         assert (digest.length, digest.hexdigest()) == (3, None)
     finally:
         os.close(fd)
+
+
+def test_md5_read_back_failure_never_leaves_hexdigest_waiting(tmp_path) -> None:
+    fd = os.open(tmp_path / "o", os.O_RDWR | os.O_CREAT)
+    digest = ObjectDigest("md5", fd)
+    os.close(fd)  # the read-back fails
+    chunk = digest.chunk(0)
+    chunk.update(b"abc")
+    with pytest.raises(OSError):
+        digest.done(chunk)
+    with pytest.raises(ValueError, match="MD5"):
+        digest.hexdigest()  # returns at once instead of waiting for the dead hasher

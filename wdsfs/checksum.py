@@ -158,6 +158,7 @@ class ObjectDigest:
         self._md5 = hashlib.md5(usedforsecurity=False) if algorithm == "md5" else None
         self._hashed = 0  # MD5: bytes [0, _hashed) are hashed
         self._hashing = False
+        self._failed = False
         self._idle = threading.Condition(self._lock)
 
     def chunk(self, offset: int) -> ChunkDigest:
@@ -171,7 +172,14 @@ class ObjectDigest:
             if self._md5 is None or self._hashing:
                 return  # MD5: the thread already hashing picks this chunk up too
             self._hashing = True
-        self._hash_contiguous()
+        try:
+            self._hash_contiguous()
+        except BaseException:
+            with self._lock:  # never leave hexdigest() waiting for a hasher that died
+                self._failed = True
+                self._hashing = False
+                self._idle.notify_all()
+            raise
 
     def _hash_contiguous(self) -> None:
         assert self._md5 is not None
@@ -219,7 +227,7 @@ class ObjectDigest:
                 crc = crc_combine(self.algorithm, crc, chunk.crc, chunk.length)
             position += chunk.length
         if self._md5 is not None:
-            if self._hashed != position:
+            if self._failed or self._hashed != position:
                 raise ValueError("MD5 asked for before every chunk was hashed")
             return self._md5.hexdigest()
         return None if self.algorithm is None else f"{crc:08x}"
