@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import os
 import threading
 
 import pytest
 
 from wdsfs._pool import PriorityPool
-from wdsfs.download import _OrderedDigest
 
 
 def test_queued_tasks_run_lowest_priority_first():
@@ -45,16 +42,3 @@ def test_exceptions_reach_the_future_and_shutdown_cancels_the_queue():
     assert busy.result(timeout=10) is True
     pool.shutdown()
     assert queued.done()
-
-
-def test_ordered_digest_matches_md5_whatever_the_arrival_order():
-    data = os.urandom(10_000)
-    pieces = [(i, data[i : i + 1000]) for i in range(0, len(data), 1000)]
-    digest = _OrderedDigest()
-    for offset, piece in reversed(pieces):
-        digest.add(offset, piece)
-    assert digest.hexdigest() == hashlib.md5(data).hexdigest()
-    incomplete = _OrderedDigest()
-    incomplete.add(1000, data[1000:2000])
-    with pytest.raises(RuntimeError):
-        incomplete.hexdigest()
