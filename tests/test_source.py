@@ -88,8 +88,15 @@ def test_missing_bucket_is_a_clear_error(moto_server):
 
 
 def test_missing_local_directory(tmp_path):
-    with pytest.raises(ShardNotFoundError, match="does-not-exist"):
+    with pytest.raises(ShardNotFoundError, match="directory '.*does-not-exist' does not exist"):
         list_shards(str(tmp_path / "does-not-exist"))
+
+
+def test_empty_local_directory_says_no_shards_not_missing_bucket(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoShardsError, match="no tar shards") as info:
+        list_shards(str(tmp_path / "empty"))
+    assert "bucket" not in str(info.value)
 
 
 def test_plain_local_path_and_single_shard(tmp_path):

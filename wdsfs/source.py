@@ -21,7 +21,7 @@ import fsspec.asyn
 from braceexpand import braceexpand
 from fsspec.spec import AbstractFileSystem
 
-from wdsfs._fs import full_url, translate_error, url_to_fs
+from wdsfs._fs import full_url, is_local, translate_error, url_to_fs
 from wdsfs.checksum import Checksum, best
 from wdsfs.errors import NoShardsError, ShardNotFoundError
 from wdsfs.shard import Shard
@@ -216,9 +216,12 @@ class Source:
     @staticmethod
     def _check_location(fs: AbstractFileSystem, path: str, prefix: str) -> None:
         """Tell a missing bucket or prefix from an empty one (find() returns [] for both)."""
-        checks = [(path, "prefix")]
-        if "://" not in path and "/" in path.strip("/"):
-            checks.insert(0, (path.strip("/").split("/", 1)[0], "bucket/container"))
+        if is_local(fs) or _protocol_of(fs) == "memory":
+            checks = [(path, "directory")]
+        else:
+            checks = [(path, "prefix")]
+            if "://" not in path and "/" in path.strip("/"):
+                checks.insert(0, (path.strip("/").split("/", 1)[0], "bucket/container"))
         for candidate, what in checks:
             try:
                 exists = fs.exists(candidate)
