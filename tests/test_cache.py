@@ -250,3 +250,32 @@ def memory_remote():
     yield _Memory()
     if fs.exists(base):
         fs.rm(base, recursive=True)
+
+
+def _count_in_child(directory: str, key: str) -> None:
+    ShardCache(directory).remember_count(key, 42)
+
+
+def test_sample_counts_survive_eviction_are_shared_and_cleared(tmp_path):
+    cache = ShardCache(tmp_path / "c", cache_limit=3 * MiB)
+    assert cache.known_counts(["a#1"]) == [None]
+    assert not cache.exists()  # asking does not create a cache
+    cache.remember_count("a#1", 7)
+    temp = cache.temp_path()
+    Path(temp).write_bytes(b"x" * (2 * MiB))
+    cache.commit("a#1", temp).close()
+    temp = cache.temp_path()
+    Path(temp).write_bytes(b"y" * (2 * MiB))
+    cache.commit("b#1", temp).close()  # evicts a#1
+    assert "a#1" not in cache
+    assert cache.known_counts(["a#1", "b#1"]) == [7, None]
+    process = multiprocessing.get_context("spawn").Process(
+        target=_count_in_child, args=(cache.directory, "b#1")
+    )
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0
+    assert ShardCache(tmp_path / "c").known_counts(["a#1", "b#1"]) == [7, 42]
+    assert cache.clear() == 1
+    assert cache.known_counts(["a#1", "b#1"]) == [None, None]
+    cache.close()

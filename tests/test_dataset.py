@@ -186,6 +186,35 @@ def test_spawn_workers_and_pickling(remote, tmp_path):
     assert sorted(keys_of(loader)) == sorted(sample_key(s, i) for s in range(3) for i in range(4))
 
 
+def test_num_samples_is_learned_from_full_reads(remote, tmp_path):
+    counts = [3, 0, 5, 2]
+    write_dataset(remote.put, counts)
+    ds = _dataset(remote, tmp_path)
+    assert ds.num_samples is None  # no index.wds, nothing read yet
+    it = iter(ds)
+    next(it)
+    it.close()  # stopped inside the first shard: nothing is known
+    assert ds.num_samples is None
+    assert len(list(ds)) == sum(counts)
+    assert ds.num_samples == sum(counts)
+    # another process of the same machine (same cache_dir) knows it without reading
+    assert _dataset(remote, tmp_path).num_samples == sum(counts)
+    assert _dataset(remote, tmp_path, cache_dir=str(tmp_path / "other")).num_samples is None
+
+
+def test_num_samples_learned_in_workers_and_forgotten_for_a_replaced_shard(tmp_path):
+    write_dataset(lambda name, data: (tmp_path / name).write_bytes(data), [4, 6, 1])
+    ds = StreamingWebDataset(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    assert len(list(DataLoader(ds, batch_size=None, num_workers=2))) == 11
+    assert ds.num_samples == 11
+    (tmp_path / "shard-000001.tar").write_bytes(make_shard(1, 2))
+    os.utime(tmp_path / "shard-000001.tar", (1, 1))  # a new version (size and mtime)
+    fresh = StreamingWebDataset(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    assert fresh.num_samples is None
+    assert len(list(fresh)) == 7
+    assert fresh.num_samples == 7
+
+
 def test_index_gives_num_samples_and_equalize(tmp_path, monkeypatch):
     counts = [9, 1, 4, 2, 7]
     entries = []

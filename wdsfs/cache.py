@@ -13,7 +13,10 @@ machine that uses the same ``cache_dir`` shares it safely:
 - readers hold an open file handle: eviction unlinks the file but never breaks a reader that has
   it open (POSIX semantics);
 - eviction is least-recently-used, run after each commit until the volume is under
-  ``cache_limit``; a shard larger than the whole limit is refused with :class:`CacheError`.
+  ``cache_limit``; a shard larger than the whole limit is refused with :class:`CacheError`;
+- the sample count of every shard read to its end is remembered (beside the shards, under the
+  same key, never evicted with them), so ``num_samples`` is known after one epoch even
+  without an ``index.wds``.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class ShardCache:
         self.directory = str(Path(cache_dir).expanduser()) if cache_dir else default_cache_dir()
         self.cache_limit = parse_size(cache_limit)
         self._cache: diskcache.Cache | None = None
+        self._counts: diskcache.Cache | None = None
         self._pid: int | None = None
         self._open_lock = threading.Lock()
 
@@ -122,6 +126,7 @@ class ShardCache:
         if self._cache is None or self._pid != os.getpid():
             with self._open_lock:
                 if self._cache is None or self._pid != os.getpid():
+                    self._counts = None  # a parent's connection is not this process's
                     self._cache = self._open()
                     self._cache.close()
                     self._pid = os.getpid()
@@ -168,9 +173,43 @@ class ShardCache:
 
     def close(self) -> None:
         """Close this process's connection to the cache index."""
-        if self._cache is not None and self._pid == os.getpid():
-            self._cache.close()
-        self._cache = None
+        if self._pid == os.getpid():
+            for db in (self._cache, self._counts):
+                if db is not None:
+                    db.close()
+        self._cache = self._counts = None
+
+    @contextlib.contextmanager
+    def _count_session(self) -> Iterator[diskcache.Cache]:
+        """The store of sample counts (a small SQLite file of its own), as :meth:`_session`."""
+        self._db  # noqa: B018 - directory made, this process's state current
+        with self._open_lock:
+            if self._counts is None:
+                try:
+                    self._counts = diskcache.Cache(
+                        str(Path(self.directory, "counts")), statistics=False
+                    )
+                except OSError as exc:
+                    raise CacheError(
+                        f"cannot open the sample counts in {self.directory}: {exc}"
+                    ) from exc
+        counts = self._counts
+        try:
+            yield counts
+        finally:
+            counts.close()
+
+    def remember_count(self, key: str, num_samples: int) -> None:
+        """Record that the shard stored (or to be stored) under ``key`` holds ``num_samples``."""
+        with self._count_session() as counts:
+            counts.set(key, int(num_samples))
+
+    def known_counts(self, keys: list[str]) -> list[int | None]:
+        """The remembered sample count of each key, None where no full read recorded one."""
+        if not self.exists():
+            return [None] * len(keys)
+        with self._count_session() as counts:
+            return [counts.get(key) for key in keys]
 
     def exists(self) -> bool:
         """Whether ``cache_dir`` already holds a cache (without creating one)."""
@@ -217,7 +256,9 @@ class ShardCache:
             return [str(k) for k in db.iterkeys()]
 
     def clear(self) -> int:
-        """Remove every cached shard; returns how many were removed."""
+        """Remove every cached shard and remembered count; returns how many shards."""
+        with self._count_session() as counts:
+            counts.clear()
         with self._session() as db:
             return int(db.clear())
 

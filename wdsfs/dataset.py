@@ -197,11 +197,20 @@ class StreamingWebDataset(IterableDataset[Sample]):
 
     @property
     def num_samples(self) -> int | None:
-        """Total samples when an index.wds gave every shard's count, else None."""
-        counts = [shard.num_samples for shard in self.shards()]
-        if any(count is None for count in counts):
+        """Total samples, once every shard's count is known, else None.
+
+        A count comes from ``index.wds``, or from the shared cache, which remembers it for
+        every shard read to its end (by any process using the same ``cache_dir``): without an
+        index, ``num_samples`` is known after the first full epoch.
+        """
+        shards = self.shards()
+        counts = [shard.num_samples for shard in shards]
+        if None in counts:
+            remembered = self.cache.known_counts([ShardCache.key(shard) for shard in shards])
+            counts = [c if c is not None else r for c, r in zip(counts, remembered, strict=True)]
+        if None in counts:
             return None
-        return sum(count for count in counts if count is not None)
+        return sum(count or 0 for count in counts)
 
     def process_sample(self, sample: Sample) -> Sample:
         """Hook for subclasses: called on every decoded sample, before ``transform``."""
@@ -356,7 +365,21 @@ class _Readahead:
                 return index >= start and (select is None or select(index))
 
         with self._get(shard) as fetched:
-            yield from read_samples(fetched.file, url=fetched.shard.url, select=wanted, stop=stop)
+            if stop is not None:
+                yield from read_samples(
+                    fetched.file, url=fetched.shard.url, select=wanted, stop=stop
+                )
+                return
+            seen = 0
+
+            def counting(index: int) -> bool:
+                nonlocal seen
+                seen = index + 1
+                return wanted is None or wanted(index)
+
+            yield from read_samples(fetched.file, url=fetched.shard.url, select=counting)
+        # read to its end: remember its sample count (num_samples without an index.wds)
+        self.fetcher.cache.remember_count(ShardCache.key(self.shards[shard]), seen)
 
     def close(self) -> None:
         self.ahead.close()
