@@ -24,7 +24,7 @@ from fsspec.spec import AbstractFileSystem
 
 from wdsfs.errors import DownloadError
 
-__all__ = ["Cancellable", "read_range", "stream_range"]
+__all__ = ["Cancellable", "Helper", "read_range", "stream_range"]
 
 Sink = Callable[[bytes], None]
 
@@ -39,27 +39,50 @@ class Cancellable(Protocol):
     def check(self) -> None: ...
 
 
+class Helper(Protocol):
+    """Work the calling thread does while the event loop streams (``DirectWriter``)."""
+
+    def drain(self, timeout: float) -> None: ...
+
+    def wake(self) -> None: ...
+
+
 def stream_range(
-    fs: AbstractFileSystem, path: str, start: int, end: int, sink: Sink, transfer: Cancellable
+    fs: AbstractFileSystem,
+    path: str,
+    start: int,
+    end: int,
+    sink: Sink,
+    transfer: Cancellable,
+    helper: Helper | None = None,
 ) -> int:
     """Feed bytes ``[start, end)`` of ``path`` to ``sink`` as they arrive; return how many.
 
     Returns the number of bytes the server sent: a body longer than the range gives a larger
     count (the bytes past the range are not given to the sink), a shorter one a smaller count;
-    the caller decides (retry, or an integrity error).
+    the caller decides (retry, or an integrity error). While an async backend streams, the
+    calling thread runs ``helper.drain`` (woken when the transfer ends).
     """
     loop = getattr(fs, "loop", None) if getattr(fs, "async_impl", False) else None
     if loop is None or getattr(fs, "asynchronous", False):
         return _sink_whole(fs.cat_file(path, start=start, end=end), start, end, sink)
     future = asyncio.run_coroutine_threadsafe(_stream(fs, path, start, end, sink), loop)
-    while True:
-        try:
-            count: int = future.result(timeout=_CANCEL_CHECK_SECONDS)
-            return count
-        except concurrent.futures.TimeoutError:
+    if helper is not None:
+        future.add_done_callback(lambda _: helper.wake())
+    try:
+        while not future.done():
+            if helper is not None:
+                helper.drain(_CANCEL_CHECK_SECONDS)
+            else:
+                concurrent.futures.wait([future], timeout=_CANCEL_CHECK_SECONDS)
             if transfer.cancelled():
                 future.cancel()
                 transfer.check()
+    except BaseException:
+        future.cancel()
+        raise
+    count: int = future.result()
+    return count
 
 
 def read_range(

@@ -114,9 +114,12 @@ def crc_combine(algorithm: str, crc1: int, crc2: int, length2: int) -> int:
     return crc1 ^ crc2
 
 
-_EXTEND: dict[str, Callable[[int, bytes], int]] = {
+_EXTEND: dict[str, Callable[[int, bytes | memoryview], int]] = {
     "crc32": lambda crc, data: crc32(data, crc),
-    "crc32c": lambda crc, data: int(google_crc32c.extend(crc, data)),
+    # google_crc32c takes bytes, not views of writable buffers
+    "crc32c": lambda crc, data: int(
+        google_crc32c.extend(crc, data if isinstance(data, bytes) else bytes(data))
+    ),
 }
 
 
@@ -134,7 +137,7 @@ class ChunkDigest:
         self.length = 0
         self.crc = 0
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         """Add the chunk's next bytes."""
         if self._extend is not None:
             self.crc = self._extend(self.crc, data)

@@ -1,0 +1,204 @@
+"""Direct I/O for downloads: shard bytes go to disk without filling the page cache (not public API).
+
+A freshly downloaded shard is read once soon (or never, by ``prefetch``) and re-read only in a
+later epoch, long after a dataset larger than memory has pushed it out of the page cache. Writing
+it through the page cache costs a new page per 4 KiB, which on virtual machines that hand freed
+memory back to the host costs more CPU than the transfer itself (measured here: 1.5-1.7 s of
+system CPU per GB for buffered writes and reads of new data, 0.04 s with ``O_DIRECT``).
+
+:class:`DirectWriter` gathers the pieces of one chunk in a reusable page-aligned buffer and
+writes whole aligned blocks with ``O_DIRECT``; a chunk that ends at the end of the object writes
+its last block padded, and the file is cut to its size afterwards. Where ``O_DIRECT`` is not
+available (macOS, Windows, some filesystems) :func:`open_direct` returns None and the caller
+writes buffered as before.
+"""
+
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Callable
+
+__all__ = ["ALIGNMENT", "BufferPool", "DirectWriter", "open_direct"]
+
+ALIGNMENT = 4096
+_Block = tuple[mmap.mmap, int, int, int]  # buffer, file offset, bytes to write, payload bytes
+_FLUSH_BYTES = 1024 * 1024
+
+
+def open_direct(path: str) -> int | None:
+    """A write-only ``O_DIRECT`` descriptor on the existing file ``path``, or None."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        fd = os.open(path, os.O_WRONLY | flag)
+    except OSError:  # EINVAL: the filesystem does not do direct I/O
+        return None
+    probe = mmap.mmap(-1, ALIGNMENT)
+    try:
+        os.pwrite(fd, probe, 0)  # some filesystems open with O_DIRECT but refuse the writes
+    except OSError:
+        os.close(fd)
+        return None
+    finally:
+        probe.close()
+    return fd
+
+
+class BufferPool:
+    """Page-aligned anonymous buffers, reused (new pages cost a fault each on first touch)."""
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size = size
+        self.keep = keep
+        self._free: collections.deque[mmap.mmap] = collections.deque()
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, self.size)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(buffer)
+                return
+        buffer.close()
+
+
+class DirectWriter:
+    """Writes the consecutive bytes of one chunk, from ``offset`` on, to an ``O_DIRECT`` fd.
+
+    Two threads share it: the one receiving the bytes calls :meth:`write` for each piece, which
+    only copies it into the buffer and, every :data:`_FLUSH_BYTES`, posts the full blocks; the
+    one that waits for the transfer calls :meth:`drain` meanwhile, which writes posted blocks to
+    disk, so a disk write never holds up the network. Then, in the waiting thread,
+    :meth:`finish` writes what is left (the object's last block padded with zeros) and
+    :meth:`close` returns the buffers.
+
+    ``offset`` must be a multiple of :data:`ALIGNMENT`, and so must the chunk's length unless it
+    ends the object (``last``).
+    """
+
+    __slots__ = ("_buffer", "_fd", "_fill", "_last", "_on_data", "_pool", "_position", "_posted")
+
+    def __init__(
+        self,
+        fd: int,
+        offset: int,
+        pool: BufferPool,
+        *,
+        last: bool,
+        on_data: Callable[[memoryview], None],
+    ) -> None:
+        if offset % ALIGNMENT:
+            raise ValueError(f"direct writes start at a multiple of {ALIGNMENT}, not {offset}")
+        self._fd = fd
+        self._position = offset  # file offset of the buffer's first byte
+        self._pool = pool
+        self._buffer: mmap.mmap | None = pool.take()
+        self._fill = 0
+        self._last = last
+        self._on_data = on_data
+        self._posted: queue.SimpleQueue[_Block | None] = queue.SimpleQueue()
+
+    def write(self, piece: bytes) -> None:
+        """Take the chunk's next bytes (receiving thread)."""
+        buffer = self._buffer
+        assert buffer is not None
+        view = memoryview(piece)
+        while view:
+            take = min(len(buffer) - self._fill, len(view))
+            buffer[self._fill : self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            if self._fill >= _FLUSH_BYTES:
+                self._post()
+
+    def _post(self) -> None:
+        buffer = self._buffer
+        assert buffer is not None
+        aligned = self._fill - self._fill % ALIGNMENT
+        rest = self._fill - aligned
+        fresh = self._pool.take()
+        fresh[:rest] = buffer[aligned : self._fill]
+        self._posted.put((buffer, self._position, aligned, aligned))
+        self._buffer, self._position, self._fill = fresh, self._position + aligned, rest
+
+    def wake(self) -> None:
+        """Make a waiting :meth:`drain` return (the transfer ended)."""
+        self._posted.put(None)
+
+    def drain(self, timeout: float) -> None:
+        """Write posted blocks until woken, or for up to ``timeout`` seconds (waiting thread)."""
+        try:
+            item = self._posted.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while item is not None:
+            self._write_block(*item)
+            try:
+                item = self._posted.get_nowait()
+            except queue.Empty:
+                return
+
+    def finish(self) -> None:
+        """Write every posted block, then what is held (waiting thread, after the transfer)."""
+        while True:
+            try:
+                item = self._posted.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._write_block(*item)
+        buffer = self._buffer
+        assert buffer is not None
+        data = length = self._fill
+        if length % ALIGNMENT:
+            if not self._last:
+                raise ValueError("a chunk that does not end the object must be block-aligned")
+            padded = length + ALIGNMENT - length % ALIGNMENT
+            buffer[length:padded] = bytes(padded - length)
+            length = padded
+        self._buffer, self._fill = None, 0
+        if length:
+            self._write_block(buffer, self._position, length, data)  # gives the buffer back
+            self._position += length
+        else:
+            self._pool.give(buffer)
+
+    def close(self, *, reuse: bool) -> None:
+        """Drop the blocks not written; return the buffers to the pool if ``reuse``.
+
+        Only a transfer known to have ended may reuse them: after a cancellation the event
+        loop can still be inside :meth:`write` for a moment, and a buffer it writes into must
+        not already serve another chunk (the garbage collector frees them instead).
+        """
+        while True:
+            try:
+                item = self._posted.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and reuse:
+                self._pool.give(item[0])
+        if self._buffer is not None and reuse:
+            self._pool.give(self._buffer)
+        self._buffer = None
+
+    def _write_block(self, buffer: mmap.mmap, position: int, length: int, data: int) -> None:
+        view = memoryview(buffer)
+        try:
+            with view[:data] as payload:
+                self._on_data(payload)  # checksum here, not on the event loop thread
+            written = 0
+            while written < length:
+                written += os.pwrite(self._fd, view[written:length], position + written)
+        finally:
+            view.release()
+            self._pool.give(buffer)
