@@ -114,6 +114,7 @@ def test_s3_keeps_the_sdk_crc32_and_the_fetcher_verifies_it(request, server, tmp
     from tests.remotes import bucket_remote
     from wdsfs._fs import url_to_fs
     from wdsfs.checksum import Checksum
+    from wdsfs.download import TransferCallback
     from wdsfs.source import s3_store_checksum
 
     with bucket_remote(request.getfixturevalue(server), protocol="s3", scheme="s3") as remote:
@@ -125,7 +126,8 @@ def test_s3_keeps_the_sdk_crc32_and_the_fetcher_verifies_it(request, server, tmp
         crc = Checksum("crc32", f"{zlib.crc32(data):08x}")
         assert s3_store_checksum(fs, path, shard) == crc
         with Fetcher(ShardCache(tmp_path / "c"), storage_options=remote.storage_options) as f:
-            assert f._with_store_checksum(fs, path, shard).checksum == str(crc)
+            transfer = TransferCallback(shard.url)
+            assert f._with_store_checksum(fs, path, shard, transfer).checksum == str(crc)
             with f.fetch(shard) as fetched:
                 assert fetched.file.read() == data
         remote.put("shard-000000.tar", make_shard(0, 4))  # replaced after the listing

@@ -190,3 +190,21 @@ def test_cancelling_a_large_transfer_is_prompt(s3_bucket, fault_proxy, tmp_path)
     assert after_stop < 4 * MiB
     assert len(cache) == 0
     assert not _leftovers(cache)
+
+
+@pytest.mark.http
+def test_unreachable_http_server_is_a_connection_error_not_a_missing_shard(tmp_path, caplog):
+    from tests.servers import free_port
+    from wdsfs.errors import DownloadError
+
+    url = f"http://127.0.0.1:{free_port()}/ds/shard-000000.tar"  # nothing listens there
+    cache = ShardCache(tmp_path / "cache")
+    with (
+        Fetcher(cache, max_attempts=3, backoff=0.01) as fetcher,
+        pytest.raises(DownloadError, match="cannot connect while looking up") as info,
+    ):
+        fetcher.fetch(Shard(url))
+    assert not isinstance(info.value, ShardNotFoundError)
+    assert url in str(info.value) and "gave up after 3 attempts" in str(info.value)
+    assert fetcher.metrics.snapshot()["retries"] == 2
+    cache.close()

@@ -105,8 +105,31 @@ _TRANSIENT_ERRNOS = {
 }
 
 
+def _connection_failure(exc: BaseException) -> BaseException | None:
+    """The connection error behind ``exc``, if any.
+
+    fsspec's HTTP filesystem reports a refused or failed connection during ``info`` as
+    ``FileNotFoundError`` raised from the aiohttp error: that is no missing object.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionError | TimeoutError) or type(cause).__name__ in {
+            "ClientConnectorError",
+            "ClientOSError",
+            "ServerDisconnectedError",
+            "ServerTimeoutError",
+        }:
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying ``exc`` may succeed (throttling, resets, timeouts, 5xx, short reads)."""
+    if isinstance(exc, FileNotFoundError) and _connection_failure(exc) is not None:
+        return True
     if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | WdsfsError):
         return False
     if isinstance(exc, TimeoutError | asyncio.TimeoutError | ConnectionError):
@@ -144,6 +167,9 @@ def translate_error(exc: BaseException, url: str, doing: str) -> WdsfsError:
     if isinstance(exc, WdsfsError):
         return exc
     detail = str(exc) or type(exc).__name__
+    connection = _connection_failure(exc) if isinstance(exc, FileNotFoundError) else None
+    if connection is not None:
+        return DownloadError(f"{url}: cannot connect while {doing} ({connection})", url=url)
     if isinstance(exc, FileNotFoundError):
         return ShardNotFoundError(f"{url}: not found while {doing} ({detail})", url=url)
     name = type(exc).__name__

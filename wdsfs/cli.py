@@ -194,6 +194,7 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
                 max_workers=args.workers,
                 stop_event=stop,
                 progress=bar,
+                direct_io=True,  # filled for later: not through the page cache
             )
         )
         # a generator: closing it cancels the transfers in flight

@@ -184,12 +184,21 @@ class ShardDownloader:
             return fetched.path
 
     def prefetch_shards(self, keys: Sequence[str]) -> list[str]:
-        """Download many shards concurrently; returns their local paths in the same order."""
+        """Download many shards concurrently; returns their local paths in the same order.
+
+        The downloads bypass the page cache (direct I/O where available): prefetched shards
+        are read later, if at all, so their pages would only push out others.
+        """
         workers = max(1, min(len(keys), self.max_pool_connections))
+
+        def prefetch(key: str) -> str:
+            with self.fetcher.fetch(self._shard(key), direct_io=True) as fetched:
+                return fetched.path
+
         with concurrent.futures.ThreadPoolExecutor(
             workers, thread_name_prefix="wdsfs-prefetch"
         ) as pool:
-            return list(pool.map(self.get_shard, keys))
+            return list(pool.map(prefetch, keys))
 
     def run(
         self, rank: int, worker_infos: Sequence[Any], epoch: int = 0, shuffle: bool = False

@@ -34,7 +34,7 @@ import threading
 import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from fsspec.callbacks import Callback
 from fsspec.spec import AbstractFileSystem
@@ -53,6 +53,8 @@ from wdsfs.source import s3_store_checksum, shard_from_info
 __all__ = ["DEFAULT_CHUNK_SIZE", "FetchedShard", "Fetcher", "TransferCallback"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024  # as many requests as 8 MiB raw reads: each costs ~1 ms of CPU
 _MIN_CHUNK_SIZE = 1024 * 1024
@@ -140,6 +142,10 @@ class Fetcher:
         stop_event: Setting it cancels every transfer of this fetcher.
         progress: fsspec Callback (e.g. ``fsspec.callbacks.TqdmCallback``) receiving all bytes.
         backoff: Base seconds of the exponential retry backoff.
+        direct_io: Write downloads with ``O_DIRECT`` where available, bypassing the page
+            cache: for shards fetched to be read later (prefetching a cache), whose pages would
+            only push out others. Off by default: a shard read right after its download (the
+            dataset's read-ahead) is then found in the page cache.
 
     No thread starts before the first download; :meth:`close` joins them.
     """
@@ -156,7 +162,7 @@ class Fetcher:
         stop_event: threading.Event | None = None,
         progress: Callback | None = None,
         backoff: float = 0.2,
-        direct_io: bool = True,
+        direct_io: bool = False,
     ) -> None:
         if max_workers < 1 or chunk_size < 1 or max_attempts < 1:
             raise ValueError("max_workers, chunk_size and max_attempts must be >= 1")
@@ -198,7 +204,12 @@ class Fetcher:
     # -- one shard ---------------------------------------------------------------------------
 
     def fetch(
-        self, shard: Shard, *, stop: threading.Event | None = None, priority: int | None = None
+        self,
+        shard: Shard,
+        *,
+        stop: threading.Event | None = None,
+        priority: int | None = None,
+        direct_io: bool | None = None,
     ) -> FetchedShard:
         """Return the shard from the cache, downloading it first if needed (blocking).
 
@@ -207,6 +218,7 @@ class Fetcher:
             stop: An extra event that cancels this fetch only.
             priority: Lower is served first when several downloads share the connections
                 (default: the order of the calls).
+            direct_io: Override the fetcher's ``direct_io`` for this shard.
 
         Raises:
             DownloadCancelled: A stop event was set.
@@ -222,7 +234,7 @@ class Fetcher:
         fs, path = url_to_fs(shard.url, self.storage_options)
         if is_local(fs):
             return self._open_local(shard, path)
-        shard = self._resolve(fs, path, shard)
+        shard = self._resolve(fs, path, shard, callback)
         key = self.cache.key(shard)
         handle = self.cache.open(key)
         if handle is None:
@@ -230,9 +242,10 @@ class Fetcher:
             with self.cache.lock(key, stop_event=_AnyEvent(events)):
                 handle = self.cache.open(key)  # another process may have just fetched it
                 if handle is None:
-                    shard = self._with_store_checksum(fs, path, shard)
+                    shard = self._with_store_checksum(fs, path, shard, callback)
+                    direct = self.direct_io if direct_io is None else direct_io
                     temp, _ = self._download_verified(
-                        fs, path, shard, callback, self.cache.temp_path, order
+                        fs, path, shard, callback, self.cache.temp_path, order, direct
                     )
                     try:
                         handle = self.cache.commit(key, temp)
@@ -265,14 +278,27 @@ class Fetcher:
             )
         return FetchedShard(shard, handle, from_cache=True)
 
-    def _resolve(self, fs: AbstractFileSystem, path: str, shard: Shard) -> Shard:
+    def _lookup(
+        self, call: Callable[[], _T], url: str, doing: str, callback: TransferCallback
+    ) -> _T:
+        """``call()`` (a HEAD or similar), with transient errors retried as chunks are."""
+        for attempt in range(1, self.max_attempts + 1):
+            callback.check()
+            try:
+                return call()
+            except Exception as exc:
+                if not is_transient(exc) or attempt == self.max_attempts:
+                    raise self._final_error(exc, url, attempt, doing) from exc
+                self._sleep_before_retry(exc, url, attempt, callback)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _resolve(
+        self, fs: AbstractFileSystem, path: str, shard: Shard, callback: TransferCallback
+    ) -> Shard:
         """Fill in size and version (one HEAD) for shards given by name only."""
         if shard.size is not None and shard.version is not None:
             return shard
-        try:
-            info = fs.info(path)
-        except Exception as exc:
-            raise translate_error(exc, shard.url, "looking up") from exc
+        info = self._lookup(lambda: fs.info(path), shard.url, "looking up", callback)
         found = shard_from_info(fs, info)
         return Shard(
             url=shard.url,
@@ -282,7 +308,9 @@ class Fetcher:
             num_samples=shard.num_samples,
         )
 
-    def _with_store_checksum(self, fs: AbstractFileSystem, path: str, shard: Shard) -> Shard:
+    def _with_store_checksum(
+        self, fs: AbstractFileSystem, path: str, shard: Shard, callback: TransferCallback
+    ) -> Shard:
         """Add a checksum the store keeps beyond ``info()`` (S3: CRC32/CRC32C), if cheaper.
 
         Only when the store's version is the one the shard was listed with: an index's MD5
@@ -290,10 +318,9 @@ class Fetcher:
         """
         if not self.verify or (shard.version or "").startswith("md5:"):
             return shard
-        try:
-            found = s3_store_checksum(fs, path, shard)
-        except Exception as exc:
-            raise translate_error(exc, shard.url, "looking up") from exc
+        found = self._lookup(
+            lambda: s3_store_checksum(fs, path, shard), shard.url, "looking up", callback
+        )
         chosen = best([Checksum.parse(shard.checksum), found])
         if chosen is None or str(chosen) == shard.checksum:
             return shard
@@ -307,6 +334,7 @@ class Fetcher:
         callback: TransferCallback,
         temp_path: Callable[[], str],
         priority: int,
+        direct_io: bool,
     ) -> tuple[str, int]:
         """Download and verify into a fresh temp file; return its path and size.
 
@@ -316,7 +344,9 @@ class Fetcher:
         for attempt in range(1, self.max_attempts + 1):
             temp = temp_path()
             try:
-                written, digest = self._download(fs, path, shard, temp, callback, priority)
+                written, digest = self._download(
+                    fs, path, shard, temp, callback, priority, direct_io
+                )
                 self._verify(fs, path, shard, temp, written, digest)
             except IntegrityError as exc:
                 self.metrics.add(integrity_failures=1)
@@ -348,7 +378,7 @@ class Fetcher:
         events = (self.stop_event, stop) if stop is not None else (self.stop_event,)
         callback = TransferCallback(shard.url, events, self.progress)
         fs, path = url_to_fs(shard.url, self.storage_options)
-        shard = self._resolve(fs, path, shard)
+        shard = self._resolve(fs, path, shard, callback)
         directory = os.path.dirname(os.path.abspath(output_path))
         os.makedirs(directory, exist_ok=True)
 
@@ -357,7 +387,9 @@ class Fetcher:
                 directory, f".{os.path.basename(output_path)}.{uuid.uuid4().hex}.part"
             )
 
-        temp, _ = self._download_verified(fs, path, shard, callback, temp_path, next(self._order))
+        temp, _ = self._download_verified(
+            fs, path, shard, callback, temp_path, next(self._order), self.direct_io
+        )
         os.replace(temp, output_path)
 
     def _download(
@@ -368,6 +400,7 @@ class Fetcher:
         temp: str,
         callback: TransferCallback,
         priority: int,
+        direct_io: bool,
     ) -> tuple[int, str | None]:
         """Write the object into ``temp`` with ranged reads on the pool.
 
@@ -389,7 +422,7 @@ class Fetcher:
             # small shards still use every connection; large ones stream in chunk_size pieces
             step = max(_MIN_CHUNK_SIZE, min(self.chunk_size, -(-size // self.max_workers)))
             step = -(-step // ALIGNMENT) * ALIGNMENT  # direct I/O writes whole blocks
-            direct = open_direct(temp) if self.direct_io else None
+            direct = open_direct(temp) if direct_io else None
             pool = self._chunk_pool()
             futures = [
                 pool.submit(
@@ -508,10 +541,12 @@ class Fetcher:
             raise self._final_error(exc, url, 1) from exc
         digest.done(chunk)
 
-    def _final_error(self, exc: BaseException, url: str, attempt: int) -> WdsfsError:
+    def _final_error(
+        self, exc: BaseException, url: str, attempt: int, doing: str = "downloading"
+    ) -> WdsfsError:
         if "checksum" in str(exc).lower():  # e.g. botocore's response checksum validation
-            return IntegrityError(f"{url}: checksum mismatch while downloading: {exc}", url=url)
-        error = translate_error(exc, url, "downloading")
+            return IntegrityError(f"{url}: checksum mismatch while {doing}: {exc}", url=url)
+        error = translate_error(exc, url, doing)
         if attempt > 1 and type(error) is DownloadError:
             return DownloadError(f"{error} (gave up after {attempt} attempts)", url=url)
         return error
