@@ -13,6 +13,7 @@ import pytest
 import wdsfs
 from tests.datasets import make_shard, write_dataset
 from wdsfs.compat import DownloadCancelled, ShardDownloader, count_shards
+from wdsfs.errors import ShardNotFoundError
 
 
 def test_defaults_find_get_and_prefetch(remote, tmp_path):
@@ -130,3 +131,48 @@ def test_boto3_session_gives_credentials(moto_server, tmp_path):
     with downloader:
         (url,) = downloader.find_shards()
         assert Path(downloader.get_shard(url)).read_bytes() == make_shard(0, 1)
+
+
+def test_count_shards_takes_a_boto3_session_as_streaming_wds_did(moto_server, monkeypatch):
+    import boto3
+
+    moto_server.make_bucket("counted")
+    for i in range(3):
+        moto_server.filesystem().pipe(f"counted/ds/shard-{i:06d}.tar", make_shard(i, 1))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.endpoint_url)  # the session has none
+    session = boto3.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    assert count_shards("s3://counted/ds", session) == 3
+    with pytest.raises(TypeError, match="mapping of fsspec options or a boto3 Session"):
+        count_shards("s3://counted/ds", 42)
+
+
+def test_keys_are_object_keys_in_the_bucket_and_ambiguous_names_are_errors(
+    moto_server, tmp_path, monkeypatch
+):
+    moto_server.make_bucket("keyed")
+    fs = moto_server.filesystem()
+    for split in ("train", "val"):
+        fs.pipe(f"keyed/ds/{split}/shard-000000.tar", make_shard(0 if split == "train" else 1, 1))
+    fs.pipe("keyed/other/shard-000009.tar", make_shard(9, 1))  # not under the dataset
+    monkeypatch.chdir(tmp_path)
+    local = tmp_path / "other"
+    local.mkdir(parents=True)
+    (local / "shard-000009.tar").write_bytes(b"a local file of the same name: never used")
+    downloader = ShardDownloader(
+        "s3://keyed/ds",
+        storage_options=moto_server.storage_options,
+        cache_dir=str(tmp_path / "c"),
+    )
+    with downloader:
+        path = downloader.get_shard("other/shard-000009.tar")  # an S3 key, not a local path
+        assert Path(path).read_bytes() == make_shard(9, 1)
+        assert Path(downloader.get_shard("val/shard-000000.tar")).read_bytes() == make_shard(1, 1)
+        with pytest.raises(ValueError, match="names several shards"):
+            downloader.get_shard("shard-000000.tar")
+        with pytest.raises(ShardNotFoundError, match="s3://keyed/ds/missing.tar"):
+            downloader.get_shard("ds/missing.tar")
+        with pytest.raises(ValueError, match="rank 3 is out of range"):
+            downloader.run(3, [object()])
+        assert downloader.finish_event.is_set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import queue
 import threading
 from collections.abc import Mapping, Sequence
@@ -21,25 +22,14 @@ from wdsfs.download import Fetcher
 from wdsfs.errors import DownloadCancelled
 from wdsfs.plan import plan_epoch
 from wdsfs.shard import Shard
-from wdsfs.source import Source, count_shards
+from wdsfs.source import Source, count_shards, is_shard_name, session_storage_options
 
 __all__ = ["DownloadCancelled", "ShardDownloader", "count_shards"]
 
 logger = logging.getLogger(__name__)
 
-
-def _session_options(session: Any) -> dict[str, Any]:
-    """storage_options for s3fs from a boto3 Session (streaming-wds' ``session=``)."""
-    options: dict[str, Any] = {}
-    credentials = session.get_credentials()
-    if credentials is not None:
-        frozen = credentials.get_frozen_credentials()
-        options.update(key=frozen.access_key, secret=frozen.secret_key)
-        if frozen.token:
-            options["token"] = frozen.token
-    if session.region_name:
-        options["client_kwargs"] = {"region_name": session.region_name}
-    return options
+# URL schemes whose first path component is a bucket or container: keys are relative to it
+_BUCKET_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
 
 
 class ShardDownloader:
@@ -83,7 +73,7 @@ class ShardDownloader:
     ) -> None:
         options = dict(storage_options or {})
         if session is not None:
-            options = {**_session_options(session), **options}
+            options = {**session_storage_options(session), **options}
         self.source = Source(remote, split=split, storage_options=options, profile=profile)
         if cache is None:
             cache = (
@@ -140,10 +130,32 @@ class ShardDownloader:
         return len(self.shards if self.shards is not None else self.find_shards())
 
     def _shard(self, key: str) -> Shard:
-        for shard in self.source.shards():
-            if shard.url == key or shard.url.endswith("/" + key.lstrip("/")):
-                return shard
-        return Shard(url=key)
+        """The listed shard ``key`` names (its URL, or a path ending it), else its URL.
+
+        A key that is no URL is what streaming-wds calls a key: an object key in the dataset's
+        bucket (``s3://``, ``gs://``, ``az://``...), else a path relative to the dataset.
+
+        Raises:
+            ValueError: ``key`` ends the URLs of several listed shards.
+        """
+        suffix = "/" + key.lstrip("/")
+        found = [s for s in self.source.shards() if s.url == key or s.url.endswith(suffix)]
+        if len(found) > 1:
+            names = ", ".join(s.url for s in found[:3])
+            raise ValueError(f"{key!r} names several shards ({names}...): give the whole URL")
+        if found:
+            return found[0]
+        if "://" in key:
+            return Shard(url=key)
+        base = self.source.remotes[0]
+        scheme, has_scheme, rest = base.partition("://")
+        if not has_scheme:  # a local dataset: relative to its directory
+            return Shard(
+                url=os.path.join(os.path.dirname(base) if is_shard_name(base) else base, key)
+            )
+        if scheme in _BUCKET_SCHEMES:
+            return Shard(url=f"{scheme}://{rest.split('/', 1)[0]}/{key.lstrip('/')}")
+        return Shard(url=base.rstrip("/") + suffix)
 
     def download_cancel_helper(self, _: int = 0) -> None:
         """Raise :class:`DownloadCancelled` if the stop event is set (a transfer callback).
@@ -212,6 +224,9 @@ class ShardDownloader:
         shards (streaming-wds' shard-level resumption). Stops early when the stop event is
         set; sets ``finish_event`` when done, also on error.
         """
+        if not 0 <= rank < len(worker_infos):
+            self.finish_event.set()
+            raise ValueError(f"rank {rank} is out of range for {len(worker_infos)} worker_infos")
         try:
             shards = self.source.shards()
             items = plan_epoch(

@@ -354,15 +354,44 @@ def list_shards(
 
 def count_shards(
     remote: str | Sequence[str],
-    storage_options: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | Any = None,
     *,
     split: str | None = None,
     profile: str | None = None,
 ) -> int:
     """The number of shards of a dataset (streaming-wds' ``count_shards``).
 
+    Args:
+        remote: As for :class:`Source`.
+        storage_options: fsspec options, or a boto3 ``Session`` (streaming-wds' second
+            argument), whose credentials and region are used for ``s3://``.
+        split: As for :class:`Source`.
+        profile: As for :class:`Source`.
+
     Raises:
         NoShardsError: The location holds no tar shards.
         ShardNotFoundError: The bucket or prefix does not exist.
+        TypeError: ``storage_options`` is neither a mapping nor a boto3 Session.
     """
+    if storage_options is not None and not isinstance(storage_options, Mapping):
+        if not hasattr(storage_options, "get_credentials"):
+            raise TypeError(
+                "storage_options must be a mapping of fsspec options or a boto3 Session, "
+                f"not {type(storage_options).__name__}"
+            )
+        storage_options = session_storage_options(storage_options)
     return len(list_shards(remote, split=split, storage_options=storage_options, profile=profile))
+
+
+def session_storage_options(session: Any) -> dict[str, Any]:
+    """storage_options for s3fs from a boto3 Session (streaming-wds' ``session=``)."""
+    options: dict[str, Any] = {}
+    credentials = session.get_credentials()
+    if credentials is not None:
+        frozen = credentials.get_frozen_credentials()
+        options.update(key=frozen.access_key, secret=frozen.secret_key)
+        if frozen.token:
+            options["token"] = frozen.token
+    if session.region_name:
+        options["client_kwargs"] = {"region_name": session.region_name}
+    return options
