@@ -279,3 +279,26 @@ def test_sample_counts_survive_eviction_are_shared_and_cleared(tmp_path):
     assert cache.clear() == 1
     assert cache.known_counts(["a#1", "b#1"]) == [None, None]
     cache.close()
+
+
+def test_a_lowered_cache_limit_applies_to_what_earlier_runs_left(remote, tmp_path):
+    for i in range(4):
+        remote.put(f"shard-{i:06d}.tar", make_shard(i, 4, payload=100_000))
+    size = len(make_shard(0, 4, payload=100_000))
+    shards = list_shards(remote.url, storage_options=remote.storage_options)
+    with Fetcher(ShardCache(tmp_path / "c"), storage_options=remote.storage_options) as fetcher:
+        for shard in shards:
+            fetcher.fetch(shard).close()
+    if remote.protocol == "file":  # read in place: nothing is cached, nothing to trim
+        assert not ShardCache(tmp_path / "c").exists()
+        return
+    assert len(ShardCache(tmp_path / "c")) == 4
+    smaller = ShardCache(tmp_path / "c", cache_limit=int(2.5 * size))
+    with Fetcher(smaller, storage_options=remote.storage_options) as fetcher:
+        with fetcher.fetch(shards[3]) as fetched:  # a hit: nothing downloaded, yet trimmed
+            assert fetched.from_cache
+        assert fetcher.metrics.snapshot()["misses"] == 0
+    assert _dir_bytes(tmp_path / "c") <= 2.5 * size
+    kept = smaller.keys()  # a list of cache keys (URL#version)
+    assert sorted(k.split("#")[0] for k in kept) == [s.url for s in shards[2:]]
+    smaller.close()

@@ -310,8 +310,17 @@ class ShardCache:
         self._evict(keep=key)
         return handle
 
+    def trim(self) -> None:
+        """Evict least-recently-used shards until the cache is under ``cache_limit``.
+
+        Commits evict by themselves; this applies a ``cache_limit`` lowered since the cache
+        was filled (the fetcher calls it before its first fetch). Handles already open on
+        evicted shards stay readable.
+        """
+        self._evict(keep="")
+
     def _evict(self, keep: str) -> None:
-        """Evict least-recently-used shards, one at a time, until under the limit.
+        """Evict least-recently-used shards but ``keep``, one at a time, until under the limit.
 
         (diskcache's own ``cull`` evicts in batches of ten and may drop the entry just written.)
         """

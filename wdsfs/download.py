@@ -180,6 +180,7 @@ class Fetcher:
         self.metrics = FetchMetrics()
         self._pool: PriorityPool | None = None
         self._pool_lock = threading.Lock()
+        self._trimmed: int | None = None  # pid of the process that applied cache_limit
         self._order = itertools.count()  # priority of direct fetch() calls: first come first
 
     def __enter__(self) -> Fetcher:
@@ -234,6 +235,7 @@ class Fetcher:
         fs, path = url_to_fs(shard.url, self.storage_options)
         if is_local(fs):
             return self._open_local(shard, path)
+        self._trim_once()
         shard = self._resolve(fs, path, shard, callback)
         key = self.cache.key(shard)
         handle = self.cache.open(key)
@@ -262,6 +264,15 @@ class Fetcher:
         self.metrics.shard_ready()
         logger.debug("cache hit %s", shard.url)
         return FetchedShard(shard, handle, from_cache=True)
+
+    def _trim_once(self) -> None:
+        """Apply ``cache_limit`` to what earlier runs left (once per fetcher and process)."""
+        pid = os.getpid()
+        if self._trimmed != pid:
+            with self._pool_lock:
+                if self._trimmed != pid:
+                    self.cache.trim()
+                    self._trimmed = pid
 
     def _open_local(self, shard: Shard, path: str) -> FetchedShard:
         try:
