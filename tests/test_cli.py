@@ -511,3 +511,18 @@ def test_bench_through_a_dataloader(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 0, err
     epochs = [m.groups() for m in map(EPOCH.search, out.splitlines()) if m]
     assert [e[:2] for e in epochs] == [("1", "12"), ("2", "12")]
+
+
+def test_a_dataloader_worker_error_prints_its_own_message_on_one_line():
+    from wdsfs.cli import _one_line
+    from wdsfs.errors import CorruptShardError
+
+    # what torch re-raises in the main process for an error in a DataLoader worker
+    reraised = CorruptShardError(
+        "Caught CorruptShardError in DataLoader worker process 0.\n"
+        "Original Traceback (most recent call last):\n"
+        '  File "/x/torch/utils/data/_utils/worker.py", line 349, in _worker_loop\n'
+        "    data = fetcher.fetch(index)\n"
+        "wdsfs.errors.CorruptShardError: s3://b/ds/x.tar: not a tar header (byte offset 0)\n"
+    )
+    assert _one_line(reraised, "s3://b/ds") == "s3://b/ds/x.tar: not a tar header (byte offset 0)"

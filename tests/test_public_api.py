@@ -25,6 +25,7 @@ EXPECTED = [
     "Source",
     "StateMismatchError",
     "StorageAccessError",
+    "StorageConfigError",
     "StreamingDataLoader",
     "StreamingWebDataset",
     "TransferCallback",

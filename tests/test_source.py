@@ -188,3 +188,19 @@ def test_dataset_index_serves_its_splits(remote):
     assert [s.name for s in listed.shards()] == ["extra-not-indexed.tar", "shard-000000.tar"]
     with pytest.raises(NoShardsError, match="lists no shard under test/"):
         list_shards(remote.url, split="test", storage_options=remote.storage_options)
+
+
+@pytest.mark.s3
+def test_bad_storage_options_and_profiles_are_configuration_errors(moto_server):
+    from wdsfs.errors import StorageConfigError
+
+    bad = {**moto_server.storage_options, "bogus_option": 1}
+    with pytest.raises(StorageConfigError, match="bogus_option") as info:
+        list_shards("s3://any-bucket/ds", storage_options=bad)
+    assert "s3://any-bucket/ds" in str(info.value) and "storage_options/profile" in str(info.value)
+    with pytest.raises(StorageConfigError, match="no-such-profile"):
+        list_shards(
+            "s3://any-bucket/ds",
+            storage_options={"client_kwargs": moto_server.storage_options["client_kwargs"]},
+            profile="no-such-profile",
+        )

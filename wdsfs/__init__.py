@@ -23,6 +23,7 @@ from wdsfs.errors import (
     ShardNotFoundError,
     StateMismatchError,
     StorageAccessError,
+    StorageConfigError,
     WdsfsError,
 )
 from wdsfs.indexer import build_index, write_index
@@ -54,6 +55,7 @@ __all__ = [
     "Source",
     "StateMismatchError",
     "StorageAccessError",
+    "StorageConfigError",
     "StreamingDataLoader",
     "StreamingWebDataset",
     "TransferCallback",

@@ -19,6 +19,7 @@ from wdsfs.errors import (
     DownloadError,
     ShardNotFoundError,
     StorageAccessError,
+    StorageConfigError,
     WdsfsError,
 )
 
@@ -126,6 +127,10 @@ def _connection_failure(exc: BaseException) -> BaseException | None:
     return None
 
 
+# botocore's errors for a profile or config file that does not exist or cannot be read
+_CONFIG_ERRORS = frozenset({"ProfileNotFound", "ConfigNotFound", "ConfigParseError"})
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying ``exc`` may succeed (throttling, resets, timeouts, 5xx, short reads)."""
     if isinstance(exc, FileNotFoundError) and _connection_failure(exc) is not None:
@@ -170,6 +175,13 @@ def translate_error(exc: BaseException, url: str, doing: str) -> WdsfsError:
     connection = _connection_failure(exc) if isinstance(exc, FileNotFoundError) else None
     if connection is not None:
         return DownloadError(f"{url}: cannot connect while {doing} ({connection})", url=url)
+    if isinstance(exc, TypeError) or type(exc).__name__ in _CONFIG_ERRORS:
+        # s3fs/gcsfs build their client on first use: bad options surface only then
+        return StorageConfigError(
+            f"{url}: the storage rejected its configuration while {doing}; check "
+            f"storage_options/profile ({detail})",
+            url=url,
+        )
     if isinstance(exc, FileNotFoundError):
         return ShardNotFoundError(f"{url}: not found while {doing} ({detail})", url=url)
     name = type(exc).__name__

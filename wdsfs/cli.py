@@ -360,7 +360,12 @@ def _logging(verbosity: int) -> Iterator[None]:
 
 
 def _one_line(exc: BaseException, url: str | None) -> str:
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Caught ") and "Original Traceback" in str(exc):
+        # a DataLoader worker's error, re-raised with its traceback: keep the original message
+        last = lines[-1]
+        lines = [last.split(": ", 1)[1] if ": " in last else last]
+    text = " ".join(lines)
     text = text or type(exc).__name__
     if url and url.rstrip("/") not in text:
         text = f"{url}: {text}"

@@ -6,6 +6,7 @@ The hierarchy::
      ├── ShardNotFoundError (also FileNotFoundError)   no such object, bucket or prefix
      ├── NoShardsError (also FileNotFoundError)        a dataset location with no shards in it
      ├── StorageAccessError (also PermissionError)     credentials missing, wrong or denied
+     ├── StorageConfigError (also ValueError)          options or profile the backend rejects
      ├── DownloadError (also OSError)                  a transfer failed after its retries
      │    └── IntegrityError                           wrong size or checksum, never served
      ├── CacheError (also OSError)                     the local cache cannot hold a shard
@@ -33,6 +34,7 @@ __all__ = [
     "ShardNotFoundError",
     "StateMismatchError",
     "StorageAccessError",
+    "StorageConfigError",
     "WdsfsError",
 ]
 
@@ -69,6 +71,10 @@ class NoShardsError(WdsfsError, FileNotFoundError):
 
 class StorageAccessError(WdsfsError, PermissionError):
     """The storage refused access: missing, wrong or insufficient credentials."""
+
+
+class StorageConfigError(WdsfsError, ValueError):
+    """The storage backend rejected its configuration: an unknown option, a missing profile."""
 
 
 class DownloadError(WdsfsError, OSError):

@@ -177,7 +177,7 @@ class Source:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         except Exception as exc:  # translated, never swallowed
-            raise translate_error(exc, index_url, "reading index.wds") from exc
+            raise translate_error(exc, prefix, f"looking for {INDEX_NAME}") from exc
         logger.info("%s: using %s", prefix, index_url)
         shards: list[Shard] = parse_index(data, base_url=prefix)
         return shards
