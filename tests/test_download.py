@@ -11,8 +11,9 @@ import pytest
 
 from tests.datasets import make_shard
 from tests.servers import MotoS3Server
+from wdsfs._fs import url_to_fs
 from wdsfs.cache import ShardCache
-from wdsfs.download import Fetcher
+from wdsfs.download import Fetcher, TransferCallback
 from wdsfs.errors import (
     DownloadCancelled,
     IntegrityError,
@@ -156,9 +157,9 @@ def test_cancelling_a_large_transfer_is_prompt(s3_bucket, fault_proxy, tmp_path)
     proxy.throttle(4 * MiB)  # per connection: ~32 MiB/s over 8 connections
     options = s3_bucket.options_for(proxy.endpoint_url)
     (shard,) = list_shards(s3_bucket.join("big.tar"), storage_options=options)
-    shard = Fetcher(ShardCache(tmp_path / "x"), storage_options=options)._resolve(
-        *__import__("wdsfs._fs", fromlist=["url_to_fs"]).url_to_fs(shard.url, options), shard
-    )
+    fs, path = url_to_fs(shard.url, options)
+    with Fetcher(ShardCache(tmp_path / "x"), storage_options=options) as resolver:
+        shard = resolver._resolve(fs, path, shard, TransferCallback(shard.url))
     assert shard.size == size
     cache = ShardCache(tmp_path / "c", cache_limit="1GB")
     stop = threading.Event()
