@@ -53,7 +53,7 @@ def _write_chunks(path: Path, data: bytes, step: int, pieces: list[int]) -> list
             writer.wake()
             drainer.join()
             writer.finish()
-            writer.close(reuse=True)
+            writer.close()
     finally:
         os.close(fd)
     os.truncate(path, len(data))
@@ -88,7 +88,7 @@ def test_a_chunk_not_ending_the_object_must_be_aligned(tmp_path):
         writer.write(b"x" * 10)
         with pytest.raises(ValueError, match="block-aligned"):
             writer.finish()
-        writer.close(reuse=False)
+        writer.close()
     finally:
         os.close(fd)
 

@@ -173,21 +173,19 @@ class DirectWriter:
         else:
             self._pool.give(buffer)
 
-    def close(self, *, reuse: bool) -> None:
-        """Drop the blocks not written; return the buffers to the pool if ``reuse``.
+    def close(self) -> None:
+        """Return every buffer to the pool (blocks not yet written are dropped).
 
-        Only a transfer known to have ended may reuse them: after a cancellation the event
-        loop can still be inside :meth:`write` for a moment, and a buffer it writes into must
-        not already serve another chunk (the garbage collector frees them instead).
+        The caller makes sure :meth:`write` is not running and will not be called again.
         """
         while True:
             try:
                 item = self._posted.get_nowait()
             except queue.Empty:
                 break
-            if item is not None and reuse:
+            if item is not None:
                 self._pool.give(item[0])
-        if self._buffer is not None and reuse:
+        if self._buffer is not None:
             self._pool.give(self._buffer)
         self._buffer = None
 

@@ -32,7 +32,7 @@ import os
 import random
 import threading
 import uuid
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
@@ -181,6 +181,7 @@ class Fetcher:
         self._pool: PriorityPool | None = None
         self._pool_lock = threading.Lock()
         self._trimmed: int | None = None  # pid of the process that applied cache_limit
+        self._downloading = 0  # shards whose chunks are being planned or transferred
         self._order = itertools.count()  # priority of direct fetch() calls: first come first
 
     def __enter__(self) -> Fetcher:
@@ -430,44 +431,62 @@ class Fetcher:
             callback.set_size(size)
             abort = threading.Event()
             chunk_callback = TransferCallback(shard.url, (*callback.stop_events, abort), callback)
-            # small shards still use every connection; large ones stream in chunk_size pieces
-            step = max(_MIN_CHUNK_SIZE, min(self.chunk_size, -(-size // self.max_workers)))
-            step = -(-step // ALIGNMENT) * ALIGNMENT  # direct I/O writes whole blocks
-            direct = open_direct(temp) if direct_io else None
-            pool = self._chunk_pool()
-            futures = [
-                pool.submit(
-                    (priority, start),
-                    self._chunk,
-                    fs,
-                    path,
-                    fd,
-                    direct,
-                    start,
-                    min(start + step, size),
-                    size,
-                    shard.url,
-                    chunk_callback,
-                    digest,
-                )
-                for start in range(0, size, step)
-            ]
-            try:
-                for future in futures:
-                    future.result()
-            except BaseException:
-                abort.set()
-                for future in futures:
-                    future.cancel()
-                concurrent.futures.wait(futures)
-                raise
-            finally:
-                if direct is not None:
-                    os.close(direct)
-                    os.ftruncate(fd, size)  # the last block was written padded
+            with self._chunk_step(size) as step:
+                direct = open_direct(temp) if direct_io else None
+                pool = self._chunk_pool()
+                futures = [
+                    pool.submit(
+                        (priority, start),
+                        self._chunk,
+                        fs,
+                        path,
+                        fd,
+                        direct,
+                        start,
+                        min(start + step, size),
+                        size,
+                        shard.url,
+                        chunk_callback,
+                        digest,
+                    )
+                    for start in range(0, size, step)
+                ]
+                try:
+                    for future in futures:
+                        future.result()
+                except BaseException:
+                    abort.set()
+                    for future in futures:
+                        future.cancel()
+                    concurrent.futures.wait(futures)
+                    raise
+                finally:
+                    if direct is not None:
+                        os.close(direct)
+                        os.ftruncate(fd, size)  # the last block was written padded
             return digest.length, digest.hexdigest()
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def _chunk_step(self, size: int) -> Iterator[int]:
+        """Bytes per ranged read of a ``size``-byte shard, while its chunks download.
+
+        A shard downloading alone (the reader waits for it) is split so that it uses every
+        connection, however small; with several downloading, each gets its share of the
+        connections, so a prefetch of many small shards makes no more requests than it needs
+        (each costs ~1 ms of CPU). Large shards stream in ``chunk_size`` pieces. Steps are
+        whole blocks, as direct I/O needs.
+        """
+        with self._pool_lock:
+            self._downloading += 1
+            connections = max(1, self.max_workers // self._downloading)
+        try:
+            step = max(_MIN_CHUNK_SIZE, min(self.chunk_size, -(-size // connections)))
+            yield -(-step // ALIGNMENT) * ALIGNMENT
+        finally:
+            with self._pool_lock:
+                self._downloading -= 1
 
     def _expected_checksum(self, shard: Shard) -> Checksum | None:
         return Checksum.parse(shard.checksum) if self.verify else None
@@ -494,10 +513,8 @@ class Fetcher:
                 else None
             )
             writer = _ChunkWriter(fd, chunk, callback, blocks)
-            ended = False
             try:
                 received = stream_range(fs, path, start, end, writer, callback, blocks)
-                ended = True
                 if received == end - start:
                     writer.finish()
             except DownloadCancelled:
@@ -508,7 +525,7 @@ class Fetcher:
                 self._sleep_before_retry(exc, url, attempt, callback)
                 continue
             finally:
-                writer.close(reuse=ended)
+                writer.close()
             if received != end - start:
                 # a short or long body: retried like a reset connection
                 short = DownloadError(
@@ -661,10 +678,13 @@ class _ChunkWriter:
     """The sink of one chunk transfer: writes each piece at its offset and hashes it.
 
     It runs on the event loop thread for every piece (tens of KB), so progress (and with it the
-    cancellation check) is reported per ``_REPORT_BYTES`` rather than per piece.
+    cancellation check) is reported per ``_REPORT_BYTES`` rather than per piece. After a
+    cancellation the event loop may still deliver a piece for a moment: once :meth:`close` has
+    returned, pieces are dropped, so nothing is written to a descriptor closed (and perhaps
+    reused by another file) or into a buffer that serves another chunk.
     """
 
-    __slots__ = ("blocks", "callback", "chunk", "fd", "received", "reported")
+    __slots__ = ("_lock", "_open", "blocks", "callback", "chunk", "fd", "received", "reported")
 
     def __init__(
         self,
@@ -679,14 +699,19 @@ class _ChunkWriter:
         self.blocks = blocks
         self.received = 0
         self.reported = 0
+        self._lock = threading.Lock()
+        self._open = True
 
     def __call__(self, piece: bytes) -> None:
-        if self.blocks is not None:
-            self.blocks.write(piece)  # written and hashed by the waiting pool thread
-        else:
-            os.pwrite(self.fd, piece, self.chunk.offset + self.received)
-            self.chunk.update(piece)
-        self.received += len(piece)
+        with self._lock:
+            if not self._open:
+                return
+            if self.blocks is not None:
+                self.blocks.write(piece)  # written and hashed by the waiting pool thread
+            else:
+                os.pwrite(self.fd, piece, self.chunk.offset + self.received)
+                self.chunk.update(piece)
+            self.received += len(piece)
         if self.received - self.reported >= _REPORT_BYTES:
             self.report()
 
@@ -696,9 +721,12 @@ class _ChunkWriter:
             self.blocks.finish()
         self.report()
 
-    def close(self, *, reuse: bool) -> None:
-        if self.blocks is not None:
-            self.blocks.close(reuse=reuse)
+    def close(self) -> None:
+        """Stop taking pieces; return the direct writer's buffers."""
+        with self._lock:
+            self._open = False
+            if self.blocks is not None:
+                self.blocks.close()
 
     def report(self) -> None:
         """Send the bytes not yet reported to the callback (which may cancel)."""
