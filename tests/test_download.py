@@ -109,7 +109,8 @@ def test_bad_credentials_fail_at_once_with_access_error(tmp_path):
 
 
 @pytest.mark.s3
-def test_transient_failures_are_retried(s3_bucket, fault_proxy, tmp_path):
+@pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "direct-io"])
+def test_transient_failures_are_retried(s3_bucket, fault_proxy, tmp_path, direct_io):
     data = make_shard(0, 20, payload=20_000)
     s3_bucket.put("shard-000000.tar", data)
     proxy = fault_proxy(s3_bucket.endpoint_url)
@@ -117,14 +118,17 @@ def test_transient_failures_are_retried(s3_bucket, fault_proxy, tmp_path):
     (shard,) = list_shards(s3_bucket.url, storage_options=options)
     proxy.fail_next(2, only_get=True)
     proxy.reset_next(1, only_get=True)
-    with Fetcher(ShardCache(tmp_path / "c"), storage_options=options, backoff=0.01) as fetcher:
+    with Fetcher(
+        ShardCache(tmp_path / "c"), storage_options=options, backoff=0.01, direct_io=direct_io
+    ) as fetcher:
         with fetcher.fetch(shard) as fetched:
             assert fetched.file.read() == data
     assert proxy.injected >= 3
 
 
 @pytest.mark.s3
-def test_flipped_bytes_are_never_served(s3_bucket, fault_proxy, tmp_path):
+@pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "direct-io"])
+def test_flipped_bytes_are_never_served(s3_bucket, fault_proxy, tmp_path, direct_io):
     data = make_shard(0, 20, payload=20_000)
     s3_bucket.put("shard-000000.tar", data)
     proxy = fault_proxy(s3_bucket.endpoint_url)
@@ -133,7 +137,7 @@ def test_flipped_bytes_are_never_served(s3_bucket, fault_proxy, tmp_path):
     cache = ShardCache(tmp_path / "c")
 
     proxy.flip_next(1, only_get=True)
-    with Fetcher(cache, storage_options=options, backoff=0.01) as fetcher:
+    with Fetcher(cache, storage_options=options, backoff=0.01, direct_io=direct_io) as fetcher:
         with fetcher.fetch(shard) as fetched:
             assert fetched.file.read() == data
     # caught by botocore's response checksum (a retried chunk) or by our MD5 (a retried shard)
@@ -141,7 +145,9 @@ def test_flipped_bytes_are_never_served(s3_bucket, fault_proxy, tmp_path):
 
     cache.clear()
     proxy.flip_next(1000, only_get=True)
-    with Fetcher(cache, storage_options=options, max_attempts=2, backoff=0.01) as fetcher:
+    with Fetcher(
+        cache, storage_options=options, max_attempts=2, backoff=0.01, direct_io=direct_io
+    ) as fetcher:
         with pytest.raises(IntegrityError, match=r"shard-000000\.tar: .*(md5|checksum)"):
             fetcher.fetch(shard)
     assert len(cache) == 0
@@ -150,7 +156,8 @@ def test_flipped_bytes_are_never_served(s3_bucket, fault_proxy, tmp_path):
 
 @pytest.mark.s3
 @pytest.mark.slow
-def test_cancelling_a_large_transfer_is_prompt(s3_bucket, fault_proxy, tmp_path):
+@pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "direct-io"])
+def test_cancelling_a_large_transfer_is_prompt(s3_bucket, fault_proxy, tmp_path, direct_io):
     size = 120 * MiB
     s3_bucket.put("big.tar", os.urandom(size))
     proxy = fault_proxy(s3_bucket.endpoint_url)
@@ -164,7 +171,7 @@ def test_cancelling_a_large_transfer_is_prompt(s3_bucket, fault_proxy, tmp_path)
     cache = ShardCache(tmp_path / "c", cache_limit="1GB")
     stop = threading.Event()
     errors: list[BaseException] = []
-    fetcher = Fetcher(cache, storage_options=options, stop_event=stop)
+    fetcher = Fetcher(cache, storage_options=options, stop_event=stop, direct_io=direct_io)
 
     def run() -> None:
         try:
