@@ -216,3 +216,18 @@ def test_unreachable_http_server_is_a_connection_error_not_a_missing_shard(tmp_p
     assert url in str(info.value) and "gave up after 3 attempts" in str(info.value)
     assert fetcher.metrics.snapshot()["retries"] == 2
     cache.close()
+
+
+def test_a_full_disk_during_a_download_is_a_cache_error(tmp_path):
+    import errno
+
+    from wdsfs.errors import CacheError
+
+    cache = ShardCache(tmp_path / "c")
+    with Fetcher(cache) as fetcher:
+        full = OSError(errno.ENOSPC, "No space left on device")
+        error = fetcher._final_error(full, "s3://b/ds/shard-000000.tar", 1)
+        assert isinstance(error, CacheError)
+        assert "s3://b/ds/shard-000000.tar" in str(error) and str(cache.directory) in str(error)
+        throttled = OSError(errno.EBUSY, "SlowDown")  # s3fs's throttling: the storage, not disk
+        assert not isinstance(fetcher._final_error(throttled, "s3://b/x.tar", 1), CacheError)

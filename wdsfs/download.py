@@ -26,6 +26,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import itertools
 import logging
 import os
@@ -55,6 +56,7 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "FetchedShard", "Fetcher", "TransferCallback"]
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+_LOCAL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024  # as many requests as 8 MiB raw reads: each costs ~1 ms of CPU
 _MIN_CHUNK_SIZE = 1024 * 1024
@@ -572,6 +574,11 @@ class Fetcher:
     def _final_error(
         self, exc: BaseException, url: str, attempt: int, doing: str = "downloading"
     ) -> WdsfsError:
+        if isinstance(exc, OSError) and exc.errno in _LOCAL_DISK_ERRNOS:
+            # only the local disk fails so (the cache's file being written), not the storage
+            return CacheError(
+                f"{url}: cannot write the download into {self.cache.directory}: {exc}", url=url
+            )
         if "checksum" in str(exc).lower():  # e.g. botocore's response checksum validation
             return IntegrityError(f"{url}: checksum mismatch while {doing}: {exc}", url=url)
         error = translate_error(exc, url, doing)
