@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -302,3 +303,31 @@ def test_a_lowered_cache_limit_applies_to_what_earlier_runs_left(remote, tmp_pat
     kept = smaller.keys()  # a list of cache keys (URL#version)
     assert sorted(k.split("#")[0] for k in kept) == [s.url for s in shards[2:]]
     smaller.close()
+
+
+def test_a_session_keeps_the_thread_connection_until_its_outermost_end(tmp_path):
+    cache = ShardCache(tmp_path / "c")
+    temp = cache.temp_path()
+    Path(temp).write_bytes(b"x" * 100_000)
+    cache.commit("k#1", temp).close()
+
+    def connection():
+        return getattr(cache._db._local, "con", None)
+
+    assert connection() is None  # closed after each use outside a session
+    with cache.session():
+        cache.open("k#1").close()
+        first = connection()
+        assert first is not None
+        with cache.session():
+            cache.remember_count("k#1", 3)
+            cache.open("k#1").close()
+        assert connection() is first  # the inner session's end closes nothing
+        assert cache.known_counts(["k#1"]) == [3]
+        seen_elsewhere = []
+        other = threading.Thread(target=lambda: seen_elsewhere.append(cache.open("k#1")))
+        other.start()
+        other.join()
+        seen_elsewhere[0].close()  # another thread: its own connection, closed after use
+    assert connection() is None
+    cache.close()

@@ -105,6 +105,7 @@ class ShardCache:
         self._counts: diskcache.Cache | None = None
         self._pid: int | None = None
         self._open_lock = threading.Lock()
+        self._held = threading.local()  # depth of this thread's open session()s
 
     def __repr__(self) -> str:
         return f"ShardCache({self.directory!r}, cache_limit={self.cache_limit})"
@@ -137,14 +138,44 @@ class ShardCache:
         """The index, with this thread's SQLite connection closed again afterwards.
 
         diskcache keeps one connection per thread; fetch threads come and go, and a connection
-        left to the garbage collector is a leak (a ResourceWarning on Python 3.13). Opening one
-        costs well under a millisecond, next to a shard download.
+        left to the garbage collector is a leak (a ResourceWarning on Python 3.13). Inside
+        :meth:`session` the connection stays open instead.
         """
         db = self._db
         try:
             yield db
         finally:
-            db.close()
+            if not self._depth():
+                db.close()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Keep this thread's connection to the index open until the block ends.
+
+        Opening a connection costs ~1.4 ms (diskcache re-applies its pragmas each time), a
+        lookup on an open one ~0.05 ms: a reader that looks up one shard after another holds a
+        session for its whole iteration. Nestable; the connection is closed by the thread that
+        opened it, when its outermost session ends.
+        """
+        held = self._held
+        held.depth, held.pid = self._depth() + 1, os.getpid()
+        try:
+            yield
+        finally:
+            # (a generator holding a session may be finalised by another thread: that
+            # thread's depth is not this one's; the opener's connection then stays open)
+            depth = self._depth()
+            if depth:
+                held.depth = depth - 1
+            if depth == 1 and self._pid == os.getpid():
+                for db in (self._cache, self._counts):
+                    if db is not None:
+                        db.close()
+
+    def _depth(self) -> int:
+        """This thread's session depth (a forked child starts with none of its parent's)."""
+        held = self._held
+        return int(held.depth) if getattr(held, "pid", None) == os.getpid() else 0
 
     def _open(self) -> diskcache.Cache:
         try:
@@ -197,7 +228,8 @@ class ShardCache:
         try:
             yield counts
         finally:
-            counts.close()
+            if not self._depth():
+                counts.close()
 
     def remember_count(self, key: str, num_samples: int) -> None:
         """Record that the shard stored (or to be stored) under ``key`` holds ``num_samples``."""

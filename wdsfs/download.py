@@ -231,6 +231,16 @@ class Fetcher:
             IntegrityError: Size or checksum stayed wrong after ``max_attempts``.
             CacheError: The shard cannot fit in the cache or on the disk.
         """
+        with self.cache.session():  # one connection to the index for all its lookups
+            return self._fetch(shard, stop, priority, direct_io)
+
+    def _fetch(
+        self,
+        shard: Shard,
+        stop: threading.Event | None,
+        priority: int | None,
+        direct_io: bool | None,
+    ) -> FetchedShard:
         events = (self.stop_event, stop) if stop is not None else (self.stop_event,)
         callback = TransferCallback(shard.url, events, self.progress)
         callback.check()
@@ -241,32 +251,52 @@ class Fetcher:
         self._trim_once()
         shard = self._resolve(fs, path, shard, callback)
         key = self.cache.key(shard)
+        hit = self._hit(shard, key)
+        if hit is not None:
+            return hit
+        self.cache.check_fits(shard)
+        with self.cache.lock(key, stop_event=_AnyEvent(events)):
+            handle = self.cache.open(key)  # another process may have just fetched it
+            if handle is None:
+                shard = self._with_store_checksum(fs, path, shard, callback)
+                direct = self.direct_io if direct_io is None else direct_io
+                temp, _ = self._download_verified(
+                    fs, path, shard, callback, self.cache.temp_path, order, direct
+                )
+                try:
+                    handle = self.cache.commit(key, temp)
+                except OSError as exc:
+                    raise CacheError(
+                        f"{shard.url}: cannot store in the cache {self.cache.directory}: {exc}",
+                        url=shard.url,
+                    ) from exc
+                finally:
+                    _remove(temp)
+                self.metrics.shard_ready()
+                return FetchedShard(shard, handle, from_cache=False)
+        return self._served(shard, handle)
+
+    def _hit(self, shard: Shard, key: str) -> FetchedShard | None:
         handle = self.cache.open(key)
-        if handle is None:
-            self.cache.check_fits(shard)
-            with self.cache.lock(key, stop_event=_AnyEvent(events)):
-                handle = self.cache.open(key)  # another process may have just fetched it
-                if handle is None:
-                    shard = self._with_store_checksum(fs, path, shard, callback)
-                    direct = self.direct_io if direct_io is None else direct_io
-                    temp, _ = self._download_verified(
-                        fs, path, shard, callback, self.cache.temp_path, order, direct
-                    )
-                    try:
-                        handle = self.cache.commit(key, temp)
-                    except OSError as exc:
-                        raise CacheError(
-                            f"{shard.url}: cannot store in the cache {self.cache.directory}: {exc}",
-                            url=shard.url,
-                        ) from exc
-                    finally:
-                        _remove(temp)
-                    self.metrics.shard_ready()
-                    return FetchedShard(shard, handle, from_cache=False)
+        return None if handle is None else self._served(shard, handle)
+
+    def _served(self, shard: Shard, handle: IO[bytes]) -> FetchedShard:
         self.metrics.add(hits=1, bytes_from_cache=shard.size or 0)
         self.metrics.shard_ready()
         logger.debug("cache hit %s", shard.url)
         return FetchedShard(shard, handle, from_cache=True)
+
+    def _cached(self, shard: Shard) -> FetchedShard | None:
+        """The shard when it can be served without a request (local, or a cache hit)."""
+        if self.stop_event.is_set():
+            return None  # fetch() raises DownloadCancelled
+        fs, path = url_to_fs(shard.url, self.storage_options)
+        if is_local(fs):
+            return self._open_local(shard, path)
+        if shard.size is None or shard.version is None:
+            return None  # a HEAD first: that is fetch()'s job
+        self._trim_once()
+        return self._hit(shard, self.cache.key(shard))
 
     def _trim_once(self) -> None:
         """Apply ``cache_limit`` to what earlier runs left (once per fetcher and process)."""
@@ -655,15 +685,29 @@ class Fetcher:
             raise ValueError("window must be >= 0")
         stop = threading.Event()
         pending: collections.deque[concurrent.futures.Future[FetchedShard]] = collections.deque()
-        with concurrent.futures.ThreadPoolExecutor(
-            window + 1, thread_name_prefix="wdsfs-shard"
-        ) as pool:
+        with (
+            self.cache.session(),
+            concurrent.futures.ThreadPoolExecutor(
+                window + 1, thread_name_prefix="wdsfs-shard"
+            ) as pool,
+        ):
             todo = iter(shards)
 
             def top_up(count: int) -> None:
                 while len(pending) < count and (shard := next(todo, None)) is not None:
                     priority = next(self._order)
-                    pending.append(pool.submit(self.fetch, shard, stop=stop, priority=priority))
+                    hit: concurrent.futures.Future[FetchedShard] = concurrent.futures.Future()
+                    try:  # cache hits and local files: here, on the reader's open connection
+                        cached = self._cached(shard)
+                    except BaseException as exc:
+                        hit.set_exception(exc)  # raised in its turn, as the pool's would be
+                        pending.append(hit)
+                        continue
+                    if cached is not None:
+                        hit.set_result(cached)
+                        pending.append(hit)
+                    else:
+                        pending.append(pool.submit(self.fetch, shard, stop=stop, priority=priority))
 
             try:
                 top_up(1)  # the first shard alone
