@@ -20,7 +20,7 @@ import mmap
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 __all__ = ["ALIGNMENT", "BufferPool", "DirectWriter", "open_direct"]
 
@@ -148,15 +148,20 @@ class DirectWriter:
             except queue.Empty:
                 return
 
-    def finish(self) -> None:
-        """Write every posted block, then what is held (waiting thread, after the transfer)."""
+    def _take_posted(self) -> Iterator[_Block]:
+        """The posted blocks not yet taken (wake-ups skipped), without waiting."""
         while True:
             try:
                 item = self._posted.get_nowait()
             except queue.Empty:
-                break
+                return
             if item is not None:
-                self._write_block(*item)
+                yield item
+
+    def finish(self) -> None:
+        """Write every posted block, then what is held (waiting thread, after the transfer)."""
+        for block in self._take_posted():
+            self._write_block(*block)
         buffer = self._buffer
         assert buffer is not None
         data = length = self._fill
@@ -178,13 +183,8 @@ class DirectWriter:
 
         The caller makes sure :meth:`write` is not running and will not be called again.
         """
-        while True:
-            try:
-                item = self._posted.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                self._pool.give(item[0])
+        for block in self._take_posted():
+            self._pool.give(block[0])
         if self._buffer is not None:
             self._pool.give(self._buffer)
         self._buffer = None
