@@ -141,7 +141,12 @@ class ShardCache:
         left to the garbage collector is a leak (a ResourceWarning on Python 3.13). Inside
         :meth:`session` the connection stays open instead.
         """
-        db = self._db
+        with self._used(self._db) as db:
+            yield db
+
+    @contextlib.contextmanager
+    def _used(self, db: diskcache.Cache) -> Iterator[diskcache.Cache]:
+        """``db``, its thread's connection closed afterwards unless a session holds it."""
         try:
             yield db
         finally:
@@ -167,10 +172,8 @@ class ShardCache:
             depth = self._depth()
             if depth:
                 held.depth = depth - 1
-            if depth == 1 and self._pid == os.getpid():
-                for db in (self._cache, self._counts):
-                    if db is not None:
-                        db.close()
+            if depth == 1:
+                self._close_connections()
 
     def _depth(self) -> int:
         """This thread's session depth (a forked child starts with none of its parent's)."""
@@ -204,11 +207,15 @@ class ShardCache:
 
     def close(self) -> None:
         """Close this process's connection to the cache index."""
+        self._close_connections()
+        self._cache = self._counts = None
+
+    def _close_connections(self) -> None:
+        """Close this thread's connections to the index and the counts (this process's only)."""
         if self._pid == os.getpid():
             for db in (self._cache, self._counts):
                 if db is not None:
                     db.close()
-        self._cache = self._counts = None
 
     @contextlib.contextmanager
     def _count_session(self) -> Iterator[diskcache.Cache]:
@@ -224,12 +231,8 @@ class ShardCache:
                     raise CacheError(
                         f"cannot open the sample counts in {self.directory}: {exc}"
                     ) from exc
-        counts = self._counts
-        try:
+        with self._used(self._counts) as counts:
             yield counts
-        finally:
-            if not self._depth():
-                counts.close()
 
     def remember_count(self, key: str, num_samples: int) -> None:
         """Record that the shard stored (or to be stored) under ``key`` holds ``num_samples``."""
