@@ -15,6 +15,7 @@ from typing import Any
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
+from wdsfs._botocore import share_service_models
 from wdsfs.errors import (
     DownloadError,
     ShardNotFoundError,
@@ -73,6 +74,8 @@ def url_to_fs(
         raise TypeError(f"{url}: bad storage_options for {protocol}://: {exc}") from exc
     except ValueError as exc:
         raise ValueError(f"{url}: {exc}") from exc
+    if protocol in {"s3", "s3a"}:
+        share_service_models(fs)
     return fs, path
 
 
