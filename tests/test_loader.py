@@ -305,3 +305,80 @@ def test_worker_result_pipe_is_widened(tmp_path: Path) -> None:
         assert set(flat(t.batch for t in iterator)) == keys  # batches still cross intact
     finally:
         iterator._shutdown_workers()
+
+
+def _first_shard_of_each_worker(dataset, num_workers):
+    from wdsfs.plan import ReaderId
+
+    shards = dataset.shards()
+    return [
+        shards[dataset.epoch_work(ReaderId(0, 1, worker, num_workers)).items[0].shard].url
+        for worker in range(num_workers)
+    ]
+
+
+def _fetched_here(records):
+    """URLs this process (not its workers, which log in their own) fetched or found cached."""
+    return {
+        record.args[0]
+        for record in records
+        if record.name == "wdsfs.download" and record.msg.startswith(("downloaded", "cache hit"))
+    }
+
+
+@pytest.mark.s3
+def test_main_process_fetches_each_new_workers_first_shard(s3_bucket, tmp_path, caplog):
+    import logging
+
+    write_dataset(s3_bucket.put, [4] * 6)
+    dataset = StreamingWebDataset(
+        s3_bucket.url,
+        storage_options=s3_bucket.storage_options,
+        cache_dir=str(tmp_path / "cache"),
+        shuffle=True,
+        seed=3,
+    )
+    loader = StreamingDataLoader(dataset, batch_size=2, num_workers=2, collate_fn=keys_collate)
+    firsts = _first_shard_of_each_worker(dataset, 2)
+
+    assert [s.url for s in dataset.first_shards(2)] == firsts
+    with caplog.at_level(logging.DEBUG, logger="wdsfs.download"):
+        keys = flat(run_epoch(loader))
+
+    assert sorted(keys) == sorted(sample_key(s, i) for s in range(6) for i in range(4))
+    # this process fetched exactly the workers' first shards: downloaded, or found in the
+    # cache if a worker was first to take the shard's lock
+    assert _fetched_here(caplog.records) == set(firsts)
+
+
+def test_no_head_start_for_a_resumed_epoch(tmp_path):
+    root = tmp_path / "ds"
+    write(root, [3] * 4)
+    loader = make_loader(root, tmp_path / "cache", num_workers=2, batch_size=2)
+    first = run_epoch(loader, stop_after=1)
+    resumed = make_loader(root, tmp_path / "cache", num_workers=2, batch_size=2)
+    resumed.load_state_dict(loader.state_dict())
+
+    assert resumed.streaming_dataset.first_shards(2) == []  # its readers start mid-shard
+    assert len(flat(first)) + len(flat(run_epoch(resumed))) == 12
+
+
+@pytest.mark.s3
+def test_no_head_start_for_persistent_workers_already_running(s3_bucket, tmp_path, caplog):
+    import logging
+
+    write_dataset(s3_bucket.put, [3] * 4)
+    dataset = StreamingWebDataset(
+        s3_bucket.url, storage_options=s3_bucket.storage_options, cache_dir=str(tmp_path / "c")
+    )
+    loader = StreamingDataLoader(
+        dataset, batch_size=2, num_workers=2, persistent_workers=True, collate_fn=keys_collate
+    )
+    fetched = []
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="wdsfs.download"):
+            assert len(flat(run_epoch(loader))) == 12
+        fetched.append(_fetched_here(caplog.records))
+
+    assert fetched == [set(_first_shard_of_each_worker(dataset, 2)), set()]

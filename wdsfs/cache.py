@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_LIMIT = "20GB"
 _DISK_MARGIN = 64 * 1024 * 1024
-_LOCK_POLL = 0.05
+_LOCK_POLL = 0.01
 # Temp files are named host-pid-random: only this host can tell whether their owner is alive.
 _HOST = socket.gethostname().replace("-", "_") or "localhost"
 

@@ -255,11 +255,13 @@ class StreamingWebDataset(IterableDataset[Sample]):
 
     def epoch_work(self, reader: ReaderId) -> ReaderWork:
         """The work of ``reader`` in the current epoch, from its start."""
-        shards = self.shards()
-        items = plan_epoch(
-            len(shards), reader.count, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle
-        )
+        items = self._epoch_items(reader.count)
         return ReaderWork(reader, items[reader.index], None, self.quota(items, reader))
+
+    def _epoch_items(self, num_readers: int) -> list[list[WorkItem]]:
+        return plan_epoch(
+            self.num_shards, num_readers, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle
+        )
 
     def quota(self, items: Sequence[Sequence[WorkItem]], reader: ReaderId) -> int | None:
         """The sample quota of ``reader`` when ``equalize`` is on (every reader's ``items``)."""
@@ -290,16 +292,32 @@ class StreamingWebDataset(IterableDataset[Sample]):
     def __iter__(self) -> Iterator[Sample]:
         return self._iterate(self.plan(self.reader()))
 
-    def _iterate(self, work: ReaderWork) -> Iterator[Sample]:
-        shards = self.shards()
-        fetcher = Fetcher(
-            self.cache,
+    def fetcher(self, cache: ShardCache | None = None) -> Fetcher:
+        """A fetcher with the dataset's download settings, into ``cache`` (default: its own)."""
+        return Fetcher(
+            cache if cache is not None else self.cache,
             storage_options=self.source.storage_options,
             max_workers=self.max_workers,
             chunk_size=self.chunk_size,
             max_attempts=self.max_attempts,
             verify=self.verify,
         )
+
+    def first_shards(self, num_workers: int) -> list[Shard]:
+        """The shard each of this rank's DataLoader workers reads first in the current epoch.
+
+        Empty when the epoch resumes from a loaded state (its readers start elsewhere).
+        """
+        if self._resume is not None and self._resume.epoch == self.epoch:
+            return []
+        rank, world_size = self.rank_and_world_size()
+        readers = [ReaderId(rank, world_size, w, num_workers) for w in range(max(num_workers, 1))]
+        shards, items = self.shards(), self._epoch_items(readers[0].count)
+        return [shards[items[r.index][0].shard] for r in readers if items[r.index]]
+
+    def _iterate(self, work: ReaderWork) -> Iterator[Sample]:
+        shards = self.shards()
+        fetcher = self.fetcher()
         start_item = work.state.item if work.state is not None else 0
         readahead = _Readahead(
             fetcher, shards, [i.shard for i in work.items[start_item:]], self.prefetch

@@ -15,6 +15,7 @@ delivered exactly once, in a different order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +27,8 @@ from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data._utils.collate import default_collate, default_convert
 from torch.utils.data._utils.pin_memory import pin_memory
 
+from wdsfs._head_start import HeadStart
+from wdsfs.cache import ShardCache
 from wdsfs.dataset import ReaderWork, StreamingWebDataset, _Resume
 from wdsfs.errors import StateMismatchError
 from wdsfs.plan import ReaderId, WorkItem, plan_epoch, redistribute
@@ -186,18 +189,31 @@ class StreamingDataLoader(DataLoader[Any]):
         self._finished = False
         self._iter_epoch = dataset.epoch
         dataset.capture_distributed()
-        iterator = super().__iter__()
+        starting = self.num_workers > 0 and not (
+            self.persistent_workers and self._iterator is not None
+        )
+        iterator = super().__iter__()  # forks the workers before any thread of the head start
         try:
-            for tracked in iterator:
-                self._states[tracked.reader] = tracked.state
-                if tracked.items is not None:
-                    self._items[tracked.reader] = tracked.items
-                self._last_reader = tracked.reader
-                self._delivered += tracked.samples
-                yield tracked.batch
+            with self._head_start(dataset, starting):
+                for tracked in iterator:
+                    self._states[tracked.reader] = tracked.state
+                    if tracked.items is not None:
+                        self._items[tracked.reader] = tracked.items
+                    self._last_reader = tracked.reader
+                    self._delivered += tracked.samples
+                    yield tracked.batch
             self._finished = True
         finally:
             dataset._resume = None
+
+    def _head_start(
+        self, dataset: StreamingWebDataset, starting: bool
+    ) -> contextlib.AbstractContextManager[object]:
+        """Fetch the workers' first shards here while new workers start (none otherwise)."""
+        if not starting:
+            return contextlib.nullcontext()
+        cache = ShardCache(dataset.cache.directory, cache_limit=dataset.cache.cache_limit)
+        return HeadStart(dataset.fetcher(cache), dataset.first_shards(self.num_workers))
 
     def _get_iterator(self) -> Any:
         iterator = super()._get_iterator()
