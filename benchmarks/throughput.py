@@ -21,6 +21,14 @@ imported torch (so its peak RSS is that of a training process's main process):
   through a ``gopen_schemes["s3"]`` handler that opens them with ``fsspec.open`` (s3fs defaults),
   in a torch ``DataLoader`` with the same batch sizes and ``num_workers`` 0 and 2.
 
+Two references show what this machine allows whatever the library does:
+
+- ``raw ranged + write``: the raw read writing its bytes at their offsets into local files, as
+  any disk cache must (this VM charges ~1.5 CPU-s per GB of new page-cache pages);
+- ``DataLoader alone, 2 workers``: a torch ``DataLoader`` with 2 workers whose dataset yields
+  sample dicts of the same sizes made in memory (no I/O, no parsing): what the worker -> main
+  process transport delivers for ``bytes`` samples, the ceiling of every 2-worker row.
+
 Warm epochs and tarfile passes run 3 times in their process and the fastest is kept (a warm epoch
 of 0.6 GB lasts ~0.3 s: a single pass is at the mercy of the machine's noise); the TTFS shown for
 them is the first pass's.
@@ -123,8 +131,52 @@ def child_raw(spec: dict[str, Any]) -> dict[str, Any]:
             times.append(time.perf_counter() - begun)
         return {"seconds": times[0], "again": statistics.median(times[1:])}
     begun = time.perf_counter()
+    if spec["kind"] == "raw_write":
+        with tempfile.TemporaryDirectory(dir=spec["workdir"]) as out:
+            nbytes = raw_ranged_read(
+                fs, spec["urls"], spec["sizes"], threads=RAW_THREADS, write_to=out
+            )
+            seconds = time.perf_counter() - begun
+        return {"seconds": seconds, "bytes": nbytes, "main_rss": peak_rss_mb()}
     nbytes = raw_ranged_read(fs, spec["urls"], spec["sizes"], threads=RAW_THREADS)
     return {"seconds": time.perf_counter() - begun, "bytes": nbytes, "main_rss": peak_rss_mb()}
+
+
+class _MemorySamples:
+    """Sample dicts like the shards' (a ~100 KB ``jpg``, ``cls``, ``json``), made in memory."""
+
+    def __init__(self, samples: int, sample_bytes: int) -> None:
+        self.samples = samples
+        self.payload = bytes(sample_bytes + 64)
+
+    def __iter__(self) -> Iterable[dict[str, Any]]:
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index in range(worker, self.samples, workers):
+            yield {
+                "__key__": f"{index:08d}",
+                "jpg": self.payload[index % 64 :],  # a new bytes object for every sample
+                "cls": b"1",
+                "json": b'{"label": 1}',
+            }
+
+
+def child_loader_alone(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    class Samples(_MemorySamples, torch.utils.data.IterableDataset):  # type: ignore[misc]
+        pass
+
+    batch_size = spec.get("batch_size")
+    loader = torch.utils.data.DataLoader(
+        Samples(spec["samples"], spec["sample_bytes"]),
+        batch_size=batch_size,
+        num_workers=2,
+        collate_fn=collate_list if batch_size else None,
+    )
+    return _consume(lambda: loader, spec.get("passes", 1))
 
 
 def child_wdsfs(spec: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +252,8 @@ def child_webdataset(spec: dict[str, Any]) -> dict[str, Any]:
 HANDLERS = {
     "raw": child_raw,
     "raw_one": child_raw,
+    "raw_write": child_raw,
+    "loader_alone": child_loader_alone,
     "wdsfs": child_wdsfs,
     "tarfile": child_tarfile,
     "webdataset": child_webdataset,
@@ -255,6 +309,18 @@ def measure_case(
     for rep in range(repeat):
         add("raw", {"kind": "raw"})
         add("raw one shard", {"kind": "raw_one"})
+        add("raw ranged + write", {"kind": "raw_write", "workdir": str(workdir)})
+        for batch in batch_sizes:
+            add(
+                f"DataLoader alone, 2 workers{_batch(batch)}",
+                {
+                    "kind": "loader_alone",
+                    "samples": data.samples,
+                    "sample_bytes": data.sample_bytes,
+                    "batch_size": batch,
+                    "passes": WARM_PASSES,
+                },
+            )
         for batch in batch_sizes:
             for workers in (0, 2):
                 with tempfile.TemporaryDirectory(prefix="wdsfs-cache-", dir=workdir) as cache:
@@ -317,6 +383,20 @@ def measure_case(
             "worker peak RSS MB": None,
         },
     ]
+    write_rate = max(r["bytes"] / r["seconds"] for r in runs["raw ranged + write"])
+    rows.append(
+        {
+            "case": case,
+            "what": "raw ranged + write (a disk cache's ceiling)",
+            "samples/s": data.samples * write_rate / data.total_bytes,
+            "MB/s": write_rate / MB,
+            "x raw": write_rate / raw_rate,
+            "TTFS s": None,
+            "TTFS / raw 1 shard": None,
+            "main peak RSS MB": max(r["main_rss"] for r in runs["raw ranged + write"]),
+            "worker peak RSS MB": None,
+        }
+    )
     for label, results in runs.items():
         if label.startswith("raw"):
             continue
@@ -346,9 +426,16 @@ def measure_case(
 def targets(
     rows: list[dict[str, Any]], refs: dict[str, float], batch_sizes: list[int | None]
 ) -> list[str]:
-    lines = []
     by_what = {row["what"]: row for row in rows}
     tar = by_what["tarfile local, 0 workers"]["samples/s"]
+    write = by_what["raw ranged + write (a disk cache's ceiling)"]["x raw"]
+    lines = [f"- {rows[0]['case']}: for reference, raw ranged + write reaches {write:.2f}x raw"]
+    for batch in batch_sizes:
+        alone = by_what[f"DataLoader alone, 2 workers{_batch(batch)}"]["samples/s"]
+        lines.append(
+            f"- {rows[0]['case']}{_batch(batch)}: for reference, a DataLoader with 2 workers and "
+            f"no I/O delivers {alone:.0f} samples/s = {alone / tar:.2f}x tarfile"
+        )
     for batch, workers in ((b, w) for b in batch_sizes for w in (0, 2)):
         case = f"{rows[0]['case']}{_batch(batch)}"
         cold = by_what[f"wdsfs cold, {workers} workers{_batch(batch)}"]
