@@ -382,3 +382,30 @@ def test_no_head_start_for_persistent_workers_already_running(s3_bucket, tmp_pat
         fetched.append(_fetched_here(caplog.records))
 
     assert fetched == [set(_first_shard_of_each_worker(dataset, 2)), set()]
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "drop_last"), [(None, False), (1, False), (4, False), (4, True), (7, True)]
+)
+def test_without_workers_batches_are_torchs_and_so_is_the_random_stream(
+    tmp_path, batch_size, drop_last
+):
+    import torch
+    from torch.utils.data import DataLoader
+
+    root = tmp_path / "ds"
+    write(root, [5, 3, 6])
+
+    def epoch(loader_class, **kwargs):
+        dataset = StreamingWebDataset(
+            str(root), shuffle=True, seed=1, cache_dir=str(tmp_path / "c")
+        )
+        loader = loader_class(dataset, batch_size=batch_size, drop_last=drop_last, **kwargs)
+        torch.manual_seed(0)
+        batches = [
+            [s["__key__"] for s in b] if isinstance(b, list) else b["__key__"] for b in loader
+        ]
+        return batches, torch.rand(1).item()
+
+    collate = None if batch_size is None else list
+    assert epoch(StreamingDataLoader, collate_fn=collate) == epoch(DataLoader, collate_fn=collate)
