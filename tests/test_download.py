@@ -215,6 +215,8 @@ def test_unreachable_http_server_is_a_connection_error_not_a_missing_shard(tmp_p
     assert not isinstance(info.value, ShardNotFoundError)
     assert url in str(info.value) and "gave up after 3 attempts" in str(info.value)
     assert fetcher.metrics.snapshot()["retries"] == 2
+    retries = [r.getMessage() for r in caplog.records if "transient error" in r.getMessage()]
+    assert len(retries) == 2 and all("ClientConnectorError" in m for m in retries), retries
     cache.close()
 
 

@@ -130,6 +130,15 @@ def _connection_failure(exc: BaseException) -> BaseException | None:
     return None
 
 
+def describe(exc: BaseException) -> str:
+    """``exc`` for a log line; for fsspec http's FileNotFoundError, the connection error behind it
+    (its own text is just the URL)."""
+    connection = _connection_failure(exc) if isinstance(exc, FileNotFoundError) else None
+    if connection is not None:
+        return f"{type(connection).__name__}: {connection}"
+    return str(exc) or repr(exc)
+
+
 # botocore's errors for a profile or config file that does not exist or cannot be read
 _CONFIG_ERRORS = frozenset({"ProfileNotFound", "ConfigNotFound", "ConfigParseError"})
 

@@ -41,7 +41,7 @@ from fsspec.callbacks import Callback
 from fsspec.spec import AbstractFileSystem
 
 from wdsfs._direct import ALIGNMENT, BufferPool, DirectWriter, open_direct
-from wdsfs._fs import is_local, is_transient, translate_error, url_to_fs
+from wdsfs._fs import describe, is_local, is_transient, translate_error, url_to_fs
 from wdsfs._pool import PriorityPool
 from wdsfs._ranged import stream_range
 from wdsfs.cache import ShardCache
@@ -624,7 +624,7 @@ class Fetcher:
         logger.warning(
             "%s: transient error (%s), retry %d/%d in %.2fs",
             url,
-            exc,
+            describe(exc),
             attempt,
             self.max_attempts - 1,
             delay,

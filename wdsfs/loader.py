@@ -21,7 +21,7 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -194,10 +194,9 @@ class StreamingDataLoader(DataLoader[Any]):
         starting = self.num_workers > 0 and not (
             self.persistent_workers and self._iterator is not None
         )
-        if self.num_workers == 0 and not self.pin_memory:
-            iterator: Iterator[_Tracked] = self._batches_here(dataset)
-        else:  # forks the workers before any thread of the head start
-            iterator = super().__iter__()
+        here = self.num_workers == 0 and not self.pin_memory
+        # (torch's iterator forks the workers here, before any thread of the head start)
+        iterator = self._batches_here(dataset) if here else super().__iter__()
         try:
             with self._head_start(dataset, starting):
                 for tracked in iterator:
@@ -210,11 +209,10 @@ class StreamingDataLoader(DataLoader[Any]):
             self._finished = True
         finally:
             dataset._resume = None
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+            if isinstance(iterator, Generator):
+                iterator.close()
 
-    def _batches_here(self, dataset: StreamingWebDataset) -> Iterator[_Tracked]:
+    def _batches_here(self, dataset: StreamingWebDataset) -> Generator[_Tracked, None, None]:
         """The batches of ``num_workers=0``, made here as torch's single-process iterator would.
 
         Same batches (``batch_size``, ``drop_last``, ``collate_fn``) without its per-batch
