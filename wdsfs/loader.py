@@ -145,6 +145,11 @@ class StreamingDataLoader(DataLoader[Any]):
     ``persistent_workers``, ``pin_memory``, ``multiprocessing_context``...). ``collate_fn`` is
     wrapped, never replaced: batches are exactly what it returns.
 
+    When it starts workers, the main process downloads each worker's first shard while they
+    start (see the shard cache's docs). With ``num_workers=0`` and no ``pin_memory`` it makes
+    the batches itself, exactly as torch's single-process iterator does, without that
+    iterator's per-batch profiler range.
+
     Args:
         dataset: The dataset to load.
         batch_size: Samples per batch (``None``: no batching, samples one by one).
