@@ -241,6 +241,8 @@ def test_storage_options_nest_merge_and_take_the_endpoint_flags() -> None:
         (["--endpoint-url", "http://e"], "--endpoint-url applies to s3:// and gs:// URLs"),
         (["--profile", "p"], "--profile applies to s3:// URLs"),
         (["--workers", "0"], "expected a positive integer"),
+        (["--workers", "-2"], "expected a positive integer, got '-2'"),
+        (["--workers", "two"], "expected a positive integer, got 'two'"),
     ],
 )
 def test_usage_errors_exit_2(

@@ -101,6 +101,12 @@ def test_unknown_name_lists_the_known_ones() -> None:
         Decoder({"jpg": 3})  # type: ignore[dict-item]
 
 
+@pytest.mark.parametrize("spec", ["pil", ["jpg"], 3])
+def test_a_spec_that_is_not_a_mapping_is_a_type_error(spec: object) -> None:
+    with pytest.raises(TypeError, match="decode must map fields to decoders"):
+        Decoder(spec)  # type: ignore[arg-type]
+
+
 def test_decoder_errors_name_url_key_and_field() -> None:
     decoder = Decoder({"json": "json", "cls": "int", "txt": "text"})
     cases = {

@@ -29,6 +29,7 @@ from wdsfs._fs import parse_size
 from wdsfs.cache import DEFAULT_CACHE_LIMIT, ShardCache
 from wdsfs.decode import Decoder
 from wdsfs.download import DEFAULT_CHUNK_SIZE, FetchedShard, Fetcher
+from wdsfs.errors import IndexFormatError
 from wdsfs.plan import ReaderId, WorkItem, equalize_quotas, plan_epoch
 from wdsfs.shard import Shard
 from wdsfs.source import Source
@@ -396,6 +397,13 @@ class _Readahead:
                 return wanted is None or wanted(index)
 
             yield from read_samples(fetched.file, url=fetched.shard.url, select=counting)
+        listed = self.shards[shard].num_samples
+        if listed is not None and seen != listed:
+            # equalize= and num_samples trust the index: a wrong count must not pass silently
+            raise IndexFormatError(
+                f"{fetched.shard.url}: {seen} samples, but index.wds says {listed} "
+                "(the index does not describe this shard: rebuild it with `wdsfs index`)"
+            )
         # read to its end: remember its sample count (num_samples without an index.wds)
         self.fetcher.cache.remember_count(ShardCache.key(self.shards[shard]), seen)
 

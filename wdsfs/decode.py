@@ -150,7 +150,8 @@ class Decoder:
     Raises:
         ValueError: An unknown decoder name (the message lists the known ones), an empty field
             name, or two spellings of one field.
-        TypeError: A spec value that is neither a name nor a callable.
+        TypeError: A spec that is not a mapping, or a value that is neither a name nor a
+            callable.
         ImportError: A named decoder needs a package that is not installed, with the
             ``pip install`` line that fixes it.
     """
@@ -159,6 +160,10 @@ class Decoder:
         self._spec: dict[str, str | Callable[[bytes], object]] = {}
         self._fns: dict[str, Callable[[bytes], object]] = {}
         self._names: dict[str, str] = {}  # field -> decoder name, for messages
+        if spec is not None and not isinstance(spec, Mapping):
+            raise TypeError(
+                f"decode must map fields to decoders, like {{'jpg': 'pil'}}, not {spec!r}"
+            )
         for raw_field, value in (spec or {}).items():
             field = raw_field.lower().removeprefix(".")
             if not field:
