@@ -201,6 +201,54 @@ def test_cancelling_a_large_transfer_is_prompt(s3_bucket, fault_proxy, tmp_path,
 
 
 @pytest.mark.http
+def test_a_lookup_the_server_never_answers_is_cancelled_promptly(tmp_path):
+    import http.server
+    import socketserver
+
+    answer = threading.Event()
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            answer.wait(30)  # a server that accepted the request and went quiet
+
+        def log_message(self, *args):
+            pass
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Silent)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/ds/shard-000000.tar"
+    stop = threading.Event()
+    errors = []
+    cache = ShardCache(tmp_path / "cache")
+    fetcher = Fetcher(cache, max_attempts=1)
+
+    def fetch():
+        try:
+            fetcher.fetch(Shard(url), stop=stop)  # no size: a HEAD first
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=fetch)
+    try:
+        thread.start()
+        time.sleep(0.3)
+        stop.set()
+        begun = time.monotonic()
+        thread.join(timeout=10)
+        latency = time.monotonic() - begun
+    finally:
+        answer.set()
+        server.shutdown()
+        server.server_close()
+        fetcher.close()
+        cache.close()
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], DownloadCancelled), errors
+    assert latency < 1.0, latency
+
+
+@pytest.mark.http
 def test_unreachable_http_server_is_a_connection_error_not_a_missing_shard(tmp_path, caplog):
     from tests.servers import free_port
     from wdsfs.errors import DownloadError

@@ -1,4 +1,4 @@
-"""Ranged reads: bytes ``[start, end)`` of an object, cancellable (not public API).
+"""Requests that stop when told: ranged reads of an object, and lookups (not public API).
 
 :func:`stream_range` hands the bytes to a sink piece by piece as the socket delivers them
 (tens of KB each) instead of joining them into one large buffer first: for S3 and HTTP(S) it
@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from fsspec.spec import AbstractFileSystem
 
 from wdsfs.errors import DownloadError
 
-__all__ = ["Cancellable", "Helper", "read_range", "stream_range"]
+__all__ = ["Cancellable", "Helper", "call", "read_range", "run_cancellable", "stream_range"]
 
 Sink = Callable[[bytes], None]
 
@@ -63,10 +63,36 @@ def stream_range(
     the caller decides (retry, or an integrity error). While an async backend streams, the
     calling thread runs ``helper.drain`` (woken when the transfer ends).
     """
-    loop = getattr(fs, "loop", None) if getattr(fs, "async_impl", False) else None
-    if loop is None or getattr(fs, "asynchronous", False):
+    loop = _loop_of(fs)
+    if loop is None:
         return _sink_whole(fs.cat_file(path, start=start, end=end), start, end, sink)
-    future = asyncio.run_coroutine_threadsafe(_stream(fs, path, start, end, sink), loop)
+    count: int = run_cancellable(loop, _stream(fs, path, start, end, sink), transfer, helper)
+    return count
+
+
+def call(fs: AbstractFileSystem, method: str, *args: Any, transfer: Cancellable) -> Any:
+    """``fs.<method>(*args)`` (``info``, ...), cancellable as a transfer on async filesystems.
+
+    fsspec's blocking wrapper waits for the request however long the server takes; this runs
+    the coroutine ``fs._<method>`` on fsspec's loop and cancels it when ``transfer`` says so.
+    """
+    loop = _loop_of(fs)
+    if loop is None:
+        return getattr(fs, method)(*args)
+    return run_cancellable(loop, getattr(fs, "_" + method)(*args), transfer)
+
+
+def run_cancellable(
+    loop: asyncio.AbstractEventLoop,
+    coroutine: Coroutine[Any, Any, Any],
+    transfer: Cancellable,
+    helper: Helper | None = None,
+) -> Any:
+    """Run ``coroutine`` on ``loop``; cancel it within ~50 ms of ``transfer.cancelled()``.
+
+    While it runs, the calling thread runs ``helper.drain`` (woken when it ends).
+    """
+    future = asyncio.run_coroutine_threadsafe(coroutine, loop)
     if helper is not None:
         future.add_done_callback(lambda _: helper.wake())
     try:
@@ -81,8 +107,15 @@ def stream_range(
     except BaseException:
         future.cancel()
         raise
-    count: int = future.result()
-    return count
+    return future.result()
+
+
+def _loop_of(fs: AbstractFileSystem) -> asyncio.AbstractEventLoop | None:
+    """fsspec's event loop for an async filesystem used from blocking code, else None."""
+    if not getattr(fs, "async_impl", False) or getattr(fs, "asynchronous", False):
+        return None
+    loop: asyncio.AbstractEventLoop | None = getattr(fs, "loop", None)
+    return loop
 
 
 def read_range(

@@ -43,7 +43,7 @@ from fsspec.spec import AbstractFileSystem
 from wdsfs._direct import ALIGNMENT, BufferPool, DirectWriter, open_direct
 from wdsfs._fs import describe, is_local, is_transient, translate_error, url_to_fs
 from wdsfs._pool import PriorityPool
-from wdsfs._ranged import stream_range
+from wdsfs._ranged import call, run_cancellable, stream_range
 from wdsfs.cache import ShardCache
 from wdsfs.checksum import Checksum, ChunkDigest, ObjectDigest, best
 from wdsfs.errors import CacheError, DownloadCancelled, DownloadError, IntegrityError, WdsfsError
@@ -342,7 +342,9 @@ class Fetcher:
         """Fill in size and version (one HEAD) for shards given by name only."""
         if shard.size is not None and shard.version is not None:
             return shard
-        info = self._lookup(lambda: fs.info(path), shard.url, "looking up", callback)
+        info = self._lookup(
+            lambda: call(fs, "info", path, transfer=callback), shard.url, "looking up", callback
+        )
         found = shard_from_info(fs, info)
         return Shard(
             url=shard.url,
@@ -363,7 +365,12 @@ class Fetcher:
         if not self.verify or (shard.version or "").startswith("md5:"):
             return shard
         found = self._lookup(
-            lambda: s3_store_checksum(fs, path, shard), shard.url, "looking up", callback
+            lambda: s3_store_checksum(
+                fs, path, shard, run=lambda request: run_cancellable(fs.loop, request, callback)
+            ),
+            shard.url,
+            "looking up",
+            callback,
         )
         chosen = best([Checksum.parse(shard.checksum), found])
         if chosen is None or str(chosen) == shard.checksum:

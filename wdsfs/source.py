@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import datetime
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -286,25 +286,30 @@ def shard_from_info(fs: AbstractFileSystem, info: Mapping[str, Any]) -> Shard:
     return Shard(url=full_url(fs, name), size=size, version=version_text, checksum=checksum)
 
 
-def s3_store_checksum(fs: AbstractFileSystem, path: str, shard: Shard) -> Checksum | None:
+def s3_store_checksum(
+    fs: AbstractFileSystem,
+    path: str,
+    shard: Shard,
+    run: Callable[[Coroutine[Any, Any, Any]], Any] | None = None,
+) -> Checksum | None:
     """The CRC32C or CRC32 S3 keeps for the whole object (``HEAD`` with ``ChecksumMode``).
 
     S3 and the SDKs' default uploads store one (``fs.info`` does not show it). None for other
     stores, composite (per-part) checksums, or when the object is no longer the listed
-    version (the download's own checks then report the change).
+    version (the download's own checks then report the change). ``run`` runs the request's
+    coroutine (default: fsspec's blocking ``sync`` on the filesystem's loop).
     """
     if _protocol_of(fs) not in {"s3", "s3a"} or not hasattr(fs, "_call_s3"):
         return None
     bucket, key, version_id = fs.split_path(path)
-    head = fsspec.asyn.sync(
-        fs.loop,
-        fs._call_s3,
+    request = fs._call_s3(
         "head_object",
         Bucket=bucket,
         Key=key,
         ChecksumMode="ENABLED",
         **({"VersionId": version_id} if version_id else {}),
     )
+    head = run(request) if run is not None else fsspec.asyn.sync(fs.loop, lambda: request)
     identities = {head.get("VersionId"), str(head.get("ETag", "")).strip('"')}
     if shard.version not in {f"{head.get('ContentLength')}-{i}" for i in identities if i}:
         return None
