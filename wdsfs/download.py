@@ -398,7 +398,7 @@ class Fetcher:
                 written, digest = self._download(
                     fs, path, shard, temp, callback, priority, direct_io
                 )
-                self._verify(fs, path, shard, temp, written, digest)
+                self._verify(fs, path, shard, temp, written, digest, callback)
             except IntegrityError as exc:
                 self.metrics.add(integrity_failures=1)
                 logger.warning("%s (attempt %d/%d)", exc, attempt, self.max_attempts)
@@ -647,6 +647,7 @@ class Fetcher:
         temp: str,
         written: int,
         digest: str | None,
+        callback: TransferCallback,
     ) -> None:
         size_on_disk = os.path.getsize(temp)
         if shard.size is not None and (written != shard.size or size_on_disk != shard.size):
@@ -666,7 +667,7 @@ class Fetcher:
         elif shard.version is not None and not shard.version.startswith("md5:"):
             # No checksum applies: make sure the object did not change while we read it.
             try:
-                now = shard_from_info(fs, fs.info(path)).version
+                now = shard_from_info(fs, call(fs, "info", path, transfer=callback)).version
             except Exception as exc:
                 raise translate_error(exc, shard.url, "checking the version") from exc
             if now != shard.version:
