@@ -42,7 +42,6 @@ class HeadStart:
         if self._thread.is_alive():
             self._thread.join()
         self.fetcher.close()
-        self.fetcher.cache.close()
 
     def _run(self) -> None:
         with self.fetcher.cache.session():

@@ -293,10 +293,10 @@ class StreamingWebDataset(IterableDataset[Sample]):
     def __iter__(self) -> Iterator[Sample]:
         return self._iterate(self.plan(self.reader()))
 
-    def fetcher(self, cache: ShardCache | None = None) -> Fetcher:
-        """A fetcher with the dataset's download settings, into ``cache`` (default: its own)."""
+    def fetcher(self) -> Fetcher:
+        """A fetcher into the dataset's cache, with its download settings."""
         return Fetcher(
-            cache if cache is not None else self.cache,
+            self.cache,
             storage_options=self.source.storage_options,
             max_workers=self.max_workers,
             chunk_size=self.chunk_size,

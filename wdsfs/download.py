@@ -323,13 +323,13 @@ class Fetcher:
         return FetchedShard(shard, handle, from_cache=True)
 
     def _lookup(
-        self, call: Callable[[], _T], url: str, doing: str, callback: TransferCallback
+        self, request: Callable[[], _T], url: str, doing: str, callback: TransferCallback
     ) -> _T:
-        """``call()`` (a HEAD or similar), with transient errors retried as chunks are."""
+        """``request()`` (a HEAD or similar), with transient errors retried as chunks are."""
         for attempt in range(1, self.max_attempts + 1):
             callback.check()
             try:
-                return call()
+                return request()
             except Exception as exc:
                 if not is_transient(exc) or attempt == self.max_attempts:
                     raise self._final_error(exc, url, attempt, doing) from exc

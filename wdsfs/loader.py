@@ -30,7 +30,6 @@ from torch.utils.data._utils.collate import default_collate, default_convert
 from torch.utils.data._utils.pin_memory import pin_memory
 
 from wdsfs._head_start import HeadStart
-from wdsfs.cache import ShardCache
 from wdsfs.dataset import ReaderWork, StreamingWebDataset, _Resume
 from wdsfs.errors import StateMismatchError
 from wdsfs.plan import ReaderId, WorkItem, plan_epoch, redistribute
@@ -249,8 +248,7 @@ class StreamingDataLoader(DataLoader[Any]):
         """Fetch the workers' first shards here while new workers start (none otherwise)."""
         if not starting:
             return contextlib.nullcontext()
-        cache = ShardCache(dataset.cache.directory, cache_limit=dataset.cache.cache_limit)
-        return HeadStart(dataset.fetcher(cache), dataset.first_shards(self.num_workers))
+        return HeadStart(dataset.fetcher(), dataset.first_shards(self.num_workers))
 
     def _get_iterator(self) -> Any:
         iterator = super()._get_iterator()
