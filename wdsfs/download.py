@@ -42,7 +42,9 @@ from fsspec.spec import AbstractFileSystem
 
 from wdsfs._direct import ALIGNMENT, BufferPool, DirectWriter, open_direct
 from wdsfs._fs import describe, is_local, is_transient, translate_error, url_to_fs
+from wdsfs._http_get import RangeGetter
 from wdsfs._pool import PriorityPool
+from wdsfs._presign import s3_gets
 from wdsfs._ranged import call, run_cancellable, stream_range
 from wdsfs.cache import ShardCache
 from wdsfs.checksum import Checksum, ChunkDigest, ObjectDigest, best
@@ -468,6 +470,7 @@ class Fetcher:
                 self._stream(fs, path, fd, shard.url, callback, digest)
                 return digest.length, digest.hexdigest()
             callback.set_size(size)
+            remote = self._remote(fs, path, shard.url, callback)
             abort = threading.Event()
             chunk_callback = TransferCallback(shard.url, (*callback.stop_events, abort), callback)
             with self._chunk_step(size) as step:
@@ -477,14 +480,12 @@ class Fetcher:
                     pool.submit(
                         (priority, start),
                         self._chunk,
-                        fs,
-                        path,
+                        remote,
                         fd,
                         direct,
                         start,
                         min(start + step, size),
                         size,
-                        shard.url,
                         chunk_callback,
                         digest,
                     )
@@ -506,6 +507,18 @@ class Fetcher:
             return digest.length, digest.hexdigest()
         finally:
             os.close(fd)
+
+    def _remote(
+        self, fs: AbstractFileSystem, path: str, url: str, callback: TransferCallback
+    ) -> _Remote:
+        """Where a download's chunks come from: the filesystem, and a signed plain GET if any."""
+        gets = s3_gets(fs, max_idle=self.max_workers)
+        if gets is None:
+            return _Remote(fs, path, url)
+        get_url = self._lookup(
+            lambda: gets.url(path, callback), url, "signing the request", callback
+        )
+        return _Remote(fs, path, url, gets.getter, get_url)
 
     @contextlib.contextmanager
     def _chunk_step(self, size: int) -> Iterator[int]:
@@ -532,30 +545,26 @@ class Fetcher:
 
     def _chunk(
         self,
-        fs: AbstractFileSystem,
-        path: str,
+        remote: _Remote,
         fd: int,
         direct: int | None,
         start: int,
         end: int,
         size: int,
-        url: str,
         callback: TransferCallback,
         digest: ObjectDigest,
     ) -> None:
+        url = remote.shard_url
         for attempt in range(1, self.max_attempts + 1):
             callback.check()
             chunk = digest.chunk(start)
-            blocks = (
-                DirectWriter(direct, start, self._buffers, last=end == size, on_data=chunk.update)
-                if direct is not None
-                else None
-            )
-            writer = _ChunkWriter(fd, chunk, callback, blocks)
             try:
-                received = stream_range(fs, path, start, end, writer, callback, blocks)
-                if received == end - start:
-                    writer.finish()
+                if remote.getter is not None:
+                    received = self._get(remote, fd, direct, start, end, size, callback, chunk)
+                else:
+                    received = self._stream_range(
+                        remote, fd, direct, start, end, size, callback, chunk
+                    )
             except DownloadCancelled:
                 raise
             except Exception as exc:
@@ -563,8 +572,6 @@ class Fetcher:
                     raise self._final_error(exc, url, attempt) from exc
                 self._sleep_before_retry(exc, url, attempt, callback)
                 continue
-            finally:
-                writer.close()
             if received != end - start:
                 # a short or long body: retried like a reset connection
                 short = DownloadError(
@@ -580,6 +587,68 @@ class Fetcher:
                 continue
             digest.done(chunk)
             return
+
+    def _get(
+        self,
+        remote: _Remote,
+        fd: int,
+        direct: int | None,
+        start: int,
+        end: int,
+        size: int,
+        callback: TransferCallback,
+        chunk: ChunkDigest,
+    ) -> int:
+        """One try of a chunk read by the range getter into one of our aligned buffers."""
+        assert remote.getter is not None and remote.get_url is not None
+        buffer = self._buffers.take()
+        view = memoryview(buffer)
+        position = start
+
+        def consume(piece: memoryview) -> None:
+            nonlocal position
+            length = len(piece)
+            chunk.update(piece)
+            if direct is None:
+                _pwrite_all(fd, piece, position)
+            else:  # only the object's last slice is not whole blocks: written padded
+                padded = -(-length // ALIGNMENT) * ALIGNMENT
+                view[length:padded] = bytes(padded - length)
+                _pwrite_all(direct, view[:padded], position)
+            position += length
+            callback.relative_update(length)
+
+        try:
+            return remote.getter.get(remote.get_url, start, end, view, consume, callback)
+        finally:
+            view.release()
+            self._buffers.give(buffer)
+
+    def _stream_range(
+        self,
+        remote: _Remote,
+        fd: int,
+        direct: int | None,
+        start: int,
+        end: int,
+        size: int,
+        callback: TransferCallback,
+        chunk: ChunkDigest,
+    ) -> int:
+        """One try of a chunk streamed by the filesystem's event loop (``stream_range``)."""
+        blocks = (
+            DirectWriter(direct, start, self._buffers, last=end == size, on_data=chunk.update)
+            if direct is not None
+            else None
+        )
+        writer = _ChunkWriter(fd, chunk, callback, blocks)
+        try:
+            received = stream_range(remote.fs, remote.path, start, end, writer, callback, blocks)
+            if received == end - start:
+                writer.finish()
+            return received
+        finally:
+            writer.close()
 
     def _stream(
         self,
@@ -731,6 +800,23 @@ class Fetcher:
                 for future in pending:
                     if not future.cancelled() and future.exception() is None:
                         future.result().close()
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """The object a download reads: by its filesystem, and by a plain GET where one applies."""
+
+    fs: AbstractFileSystem
+    path: str
+    shard_url: str
+    getter: RangeGetter | None = None
+    get_url: str | None = None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
 
 
 class _ChunkWriter:

@@ -1,0 +1,310 @@
+"""Plain ranged GETs (RangeGetter) and S3 downloads over presigned URLs."""
+
+from __future__ import annotations
+
+import errno
+import http.server
+import mmap
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from tests.datasets import make_shard
+from wdsfs._fs import url_to_fs
+from wdsfs._http_get import RangeGetter
+from wdsfs._presign import TRANSPORT_VARIABLE, S3Gets, s3_gets
+from wdsfs.cache import ShardCache
+from wdsfs.download import Fetcher, TransferCallback
+from wdsfs.errors import DownloadCancelled, DownloadError, ShardNotFoundError
+from wdsfs.source import list_shards
+
+MiB = 1024 * 1024
+DATA = bytes(range(256)) * 40_000  # 10 MB, every offset recognisable
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves ``DATA`` with ranges; the test's ``behaviour`` may answer otherwise."""
+
+    protocol_version = "HTTP/1.1"
+    behaviour: Callable[[_Handler], bool] = staticmethod(lambda handler: False)
+    connections: list[int] = []
+
+    def setup(self) -> None:
+        super().setup()
+        self.connections.append(1)
+
+    def do_GET(self) -> None:
+        if type(self).behaviour(self):
+            return
+        first, last = self.headers["Range"].removeprefix("bytes=").split("-")
+        body = DATA[int(first) : int(last) + 1]
+        self.send_response(206)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def _server(behaviour: Callable[[_Handler], bool] | None = None) -> Iterator[tuple[str, type]]:
+    handler = type("Handler", (_Handler,), {"connections": []})
+    if behaviour is not None:
+        handler.behaviour = staticmethod(behaviour)
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/bucket/key?X-Amz-Signature=s", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Transfer:
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+
+    def cancelled(self) -> bool:
+        return self.stop.is_set()
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise DownloadCancelled("cancelled")
+
+
+def _get(getter: RangeGetter, url: str, start: int, end: int, transfer: Any = None) -> bytes:
+    buffer = mmap.mmap(-1, MiB)
+    view = memoryview(buffer)
+    pieces: list[bytes] = []
+    try:
+        length = getter.get(
+            url, start, end, view, lambda p: pieces.append(bytes(p)), transfer or _Transfer()
+        )
+    finally:
+        view.release()
+        buffer.close()
+    assert length == end - start or not pieces
+    return b"".join(pieces)
+
+
+def test_ranges_are_read_in_buffer_slices_over_one_kept_alive_connection() -> None:
+    getter = RangeGetter(timeout=10)
+    with _server() as (url, handler):
+        assert _get(getter, url, 0, 3 * MiB + 5) == DATA[: 3 * MiB + 5]
+        assert _get(getter, url, 4096, 8192) == DATA[4096:8192]
+        assert len(handler.connections) == 1
+    getter.close()
+
+
+def test_error_statuses_say_what_the_server_said() -> None:
+    def answer(status: int, code: str) -> Callable[[_Handler], bool]:
+        def reply(handler: _Handler) -> bool:
+            body = f"<Error><Code>{code}</Code><Message>told so</Message></Error>".encode()
+            handler.send_response(status)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+            return True
+
+        return reply
+
+    getter = RangeGetter(timeout=10)
+    cases: list[tuple[int, str, type[BaseException], int | None]] = [
+        (404, "NoSuchKey", FileNotFoundError, errno.ENOENT),
+        (403, "AccessDenied", PermissionError, errno.EACCES),
+        (503, "SlowDown", OSError, errno.EBUSY),
+        (500, "InternalError", OSError, errno.EREMOTEIO),
+        (400, "InvalidArgument", DownloadError, None),
+    ]
+    for status, code, kind, number in cases:
+        with _server(answer(status, code)) as (url, _), pytest.raises(kind) as info:
+            _get(getter, url, 0, 100)
+        assert f"HTTP {status}" in str(info.value) and f"{code}: told so" in str(info.value)
+        assert "X-Amz-Signature" not in str(info.value)  # a signature stays out of messages
+        if number is not None:
+            assert info.value.errno == number
+    getter.close()
+
+
+def test_a_body_of_another_length_is_reported_not_consumed() -> None:
+    def short(handler: _Handler) -> bool:
+        handler.send_response(206)
+        handler.send_header("Content-Length", "10")
+        handler.end_headers()
+        handler.wfile.write(DATA[:10])
+        return True
+
+    getter = RangeGetter(timeout=10)
+    buffer = bytearray(MiB)
+    with _server(short) as (url, _):
+        seen: list[int] = []
+        length = getter.get(
+            url, 0, 100, memoryview(buffer), lambda p: seen.append(len(p)), _Transfer()
+        )
+    assert length == 10 and seen == []
+    getter.close()
+
+
+def test_a_cut_body_is_an_incomplete_read() -> None:
+    import http.client
+
+    def cut(handler: _Handler) -> bool:
+        handler.send_response(206)
+        handler.send_header("Content-Length", "100000")
+        handler.end_headers()
+        handler.wfile.write(DATA[:5000])
+        handler.close_connection = True
+        return True
+
+    getter = RangeGetter(timeout=10)
+    with _server(cut) as (url, _), pytest.raises(http.client.IncompleteRead):
+        _get(getter, url, 0, 100_000)
+    getter.close()
+
+
+def test_a_range_ignored_past_the_start_is_an_error() -> None:
+    def whole(handler: _Handler) -> bool:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "100")
+        handler.end_headers()
+        handler.wfile.write(DATA[:100])
+        return True
+
+    getter = RangeGetter(timeout=10)
+    with _server(whole) as (url, _), pytest.raises(DownloadError, match="ignored the Range"):
+        _get(getter, url, 50, 150)
+    getter.close()
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_silently() -> None:
+    def closing(handler: _Handler) -> bool:
+        handler.close_connection = True  # answer, then hang up (no Connection: close header)
+        return False
+
+    getter = RangeGetter(timeout=10)
+    with _server(closing) as (url, handler):
+        for _ in range(3):
+            assert _get(getter, url, 0, 1000) == DATA[:1000]
+    assert len(handler.connections) == 3
+    getter.close()
+
+
+def test_a_forked_process_never_reuses_the_parents_connections() -> None:
+    import os
+
+    getter = RangeGetter(timeout=10)
+    with _server() as (url, handler):
+        _get(getter, url, 0, 10)  # leaves an idle connection
+        pid = os.fork()
+        if pid == 0:  # the child: its own connection, the same bytes
+            os._exit(0 if _get(getter, url, 0, 10) == DATA[:10] else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert len(handler.connections) == 2
+        _get(getter, url, 0, 10)  # the parent's connection still works
+        assert len(handler.connections) == 2
+    getter.close()
+
+
+@pytest.mark.parametrize("stall", ["before the headers", "mid-body"])
+def test_a_read_that_blocks_is_cancelled_promptly(stall: str) -> None:
+    release = threading.Event()
+
+    def silent(handler: _Handler) -> bool:
+        if stall == "mid-body":
+            handler.send_response(206)
+            handler.send_header("Content-Length", str(4 * MiB))
+            handler.end_headers()
+            handler.wfile.write(DATA[: MiB + 10])
+            handler.wfile.flush()
+        release.wait(30)  # a server that went quiet
+        return True
+
+    getter = RangeGetter(timeout=60)
+    transfer = _Transfer()
+    errors: list[BaseException] = []
+
+    def read(url: str) -> None:
+        try:
+            _get(getter, url, 0, 4 * MiB, transfer)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with _server(silent) as (url, _):
+        thread = threading.Thread(target=read, args=(url,))
+        thread.start()
+        time.sleep(0.3)
+        transfer.stop.set()
+        begun = time.monotonic()
+        thread.join(10)
+        latency = time.monotonic() - begun
+        release.set()
+    getter.close()
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], DownloadCancelled), errors
+    assert latency < 1.0, latency
+    assert not [t for t in threading.enumerate() if t.name == "wdsfs-cancel-watch"]  # ended
+
+
+# -- S3 over presigned URLs ----------------------------------------------------------------
+
+
+@pytest.mark.s3
+def test_s3_chunks_are_presigned_gets_and_the_variable_turns_them_off(
+    s3_bucket, fault_proxy, tmp_path, monkeypatch
+):
+    data = make_shard(0, 20, payload=20_000)
+    s3_bucket.put("shard-000000.tar", data)
+    proxy = fault_proxy(s3_bucket.endpoint_url)
+    options = s3_bucket.options_for(proxy.endpoint_url)
+    (shard,) = list_shards(s3_bucket.url, storage_options=options)
+    for variable, presigned in ((None, True), ("fsspec", False)):
+        if variable is not None:
+            monkeypatch.setenv(TRANSPORT_VARIABLE, variable)
+        proxy.reset_counters()
+        with Fetcher(ShardCache(tmp_path / str(variable)), storage_options=options) as fetcher:
+            with fetcher.fetch(shard) as fetched:
+                assert fetched.file.read() == data
+        gets = [target for method, target in proxy.requests if method == "GET"]
+        assert gets and all(("X-Amz-Signature=" in target) == presigned for target in gets)
+        if presigned:  # SigV4 (botocore would presign with SigV2, which new buckets refuse)
+            assert all("X-Amz-Algorithm=AWS4-HMAC-SHA256" in target for target in gets)
+
+
+@pytest.mark.s3
+def test_s3_options_a_presigned_get_cannot_carry_use_s3fs(s3_bucket, monkeypatch):
+    options = s3_bucket.storage_options
+
+    def getter(**extra: Any) -> S3Gets | None:
+        fs, _ = url_to_fs(s3_bucket.url, {**options, **extra, "skip_instance_cache": True})
+        return s3_gets(fs, max_idle=8)
+
+    assert getter() is not None
+    assert getter(requester_pays=True) is None
+    assert getter(s3_additional_kwargs={"SSECustomerAlgorithm": "AES256"}) is None
+    assert getter(config_kwargs={"proxies": {"http": "http://proxy:3128"}}) is None
+    assert getter(client_kwargs={**options["client_kwargs"], "config": object()}) is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert getter() is None
+
+
+@pytest.mark.s3
+def test_s3_object_deleted_after_listing_is_a_missing_shard(s3_bucket, tmp_path):
+    s3_bucket.put("shard-000000.tar", make_shard(0, 5))
+    (shard,) = list_shards(s3_bucket.url, storage_options=s3_bucket.storage_options)
+    with Fetcher(
+        ShardCache(tmp_path / "c"), storage_options=s3_bucket.storage_options, verify=False
+    ) as fetcher:
+        fs, path = url_to_fs(shard.url, s3_bucket.storage_options)
+        remote = fetcher._remote(fs, path, shard.url, TransferCallback(shard.url))
+        assert remote.getter is not None
+        fs.rm_file(path)
+        with pytest.raises(ShardNotFoundError, match=r"shard-000000\.tar.*NoSuchKey"):
+            fetcher.fetch(shard)  # listed with size and version: no HEAD, the GET finds out
