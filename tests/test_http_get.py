@@ -52,6 +52,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _answer(
+    status: int, body: bytes, *, length: int | None = None, hang_up: bool = False
+) -> Callable[[_Handler], bool]:
+    """A behaviour: answer ``status`` with ``body`` (announced as ``length`` bytes)."""
+
+    def reply(handler: _Handler) -> bool:
+        handler.send_response(status)
+        handler.send_header("Content-Length", str(len(body) if length is None else length))
+        handler.end_headers()
+        handler.wfile.write(body)
+        handler.close_connection = hang_up
+        return True
+
+    return reply
+
+
 @contextmanager
 def _server(behaviour: Callable[[_Handler], bool] | None = None) -> Iterator[tuple[str, type]]:
     handler = type("Handler", (_Handler,), {"connections": []})
@@ -104,17 +120,6 @@ def test_ranges_are_read_in_buffer_slices_over_one_kept_alive_connection() -> No
 
 
 def test_error_statuses_say_what_the_server_said() -> None:
-    def answer(status: int, code: str) -> Callable[[_Handler], bool]:
-        def reply(handler: _Handler) -> bool:
-            body = f"<Error><Code>{code}</Code><Message>told so</Message></Error>".encode()
-            handler.send_response(status)
-            handler.send_header("Content-Length", str(len(body)))
-            handler.end_headers()
-            handler.wfile.write(body)
-            return True
-
-        return reply
-
     getter = RangeGetter(timeout=10)
     cases: list[tuple[int, str, type[BaseException], int | None]] = [
         (404, "NoSuchKey", FileNotFoundError, errno.ENOENT),
@@ -124,7 +129,8 @@ def test_error_statuses_say_what_the_server_said() -> None:
         (400, "InvalidArgument", DownloadError, None),
     ]
     for status, code, kind, number in cases:
-        with _server(answer(status, code)) as (url, _), pytest.raises(kind) as info:
+        body = f"<Error><Code>{code}</Code><Message>told so</Message></Error>".encode()
+        with _server(_answer(status, body)) as (url, _), pytest.raises(kind) as info:
             _get(getter, url, 0, 100)
         assert f"HTTP {status}" in str(info.value) and f"{code}: told so" in str(info.value)
         assert "X-Amz-Signature" not in str(info.value)  # a signature stays out of messages
@@ -134,16 +140,9 @@ def test_error_statuses_say_what_the_server_said() -> None:
 
 
 def test_a_body_of_another_length_is_reported_not_consumed() -> None:
-    def short(handler: _Handler) -> bool:
-        handler.send_response(206)
-        handler.send_header("Content-Length", "10")
-        handler.end_headers()
-        handler.wfile.write(DATA[:10])
-        return True
-
     getter = RangeGetter(timeout=10)
     buffer = bytearray(MiB)
-    with _server(short) as (url, _):
+    with _server(_answer(206, DATA[:10])) as (url, _):
         seen: list[int] = []
         length = getter.get(
             url, 0, 100, memoryview(buffer), lambda p: seen.append(len(p)), _Transfer()
@@ -155,14 +154,7 @@ def test_a_body_of_another_length_is_reported_not_consumed() -> None:
 def test_a_cut_body_is_an_incomplete_read() -> None:
     import http.client
 
-    def cut(handler: _Handler) -> bool:
-        handler.send_response(206)
-        handler.send_header("Content-Length", "100000")
-        handler.end_headers()
-        handler.wfile.write(DATA[:5000])
-        handler.close_connection = True
-        return True
-
+    cut = _answer(206, DATA[:5000], length=100_000, hang_up=True)
     getter = RangeGetter(timeout=10)
     with _server(cut) as (url, _), pytest.raises(http.client.IncompleteRead):
         _get(getter, url, 0, 100_000)
@@ -170,13 +162,7 @@ def test_a_cut_body_is_an_incomplete_read() -> None:
 
 
 def test_a_range_ignored_past_the_start_is_an_error() -> None:
-    def whole(handler: _Handler) -> bool:
-        handler.send_response(200)
-        handler.send_header("Content-Length", "100")
-        handler.end_headers()
-        handler.wfile.write(DATA[:100])
-        return True
-
+    whole = _answer(200, DATA[:100])
     getter = RangeGetter(timeout=10)
     with _server(whole) as (url, _), pytest.raises(DownloadError, match="ignored the Range"):
         _get(getter, url, 50, 150)

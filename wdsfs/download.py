@@ -475,17 +475,16 @@ class Fetcher:
             chunk_callback = TransferCallback(shard.url, (*callback.stop_events, abort), callback)
             with self._chunk_step(size) as step:
                 direct = open_direct(temp) if direct_io else None
+                file = _Target(fd, direct, size)
                 pool = self._chunk_pool()
                 futures = [
                     pool.submit(
                         (priority, start),
                         self._chunk,
                         remote,
-                        fd,
-                        direct,
+                        file,
                         start,
                         min(start + step, size),
-                        size,
                         chunk_callback,
                         digest,
                     )
@@ -546,11 +545,9 @@ class Fetcher:
     def _chunk(
         self,
         remote: _Remote,
-        fd: int,
-        direct: int | None,
+        file: _Target,
         start: int,
         end: int,
-        size: int,
         callback: TransferCallback,
         digest: ObjectDigest,
     ) -> None:
@@ -560,11 +557,9 @@ class Fetcher:
             chunk = digest.chunk(start)
             try:
                 if remote.getter is not None:
-                    received = self._get(remote, fd, direct, start, end, size, callback, chunk)
+                    received = self._get(remote, file, start, end, callback, chunk)
                 else:
-                    received = self._stream_range(
-                        remote, fd, direct, start, end, size, callback, chunk
-                    )
+                    received = self._stream_range(remote, file, start, end, callback, chunk)
             except DownloadCancelled:
                 raise
             except Exception as exc:
@@ -591,11 +586,9 @@ class Fetcher:
     def _get(
         self,
         remote: _Remote,
-        fd: int,
-        direct: int | None,
+        file: _Target,
         start: int,
         end: int,
-        size: int,
         callback: TransferCallback,
         chunk: ChunkDigest,
     ) -> int:
@@ -609,12 +602,12 @@ class Fetcher:
             nonlocal position
             length = len(piece)
             chunk.update(piece)
-            if direct is None:
-                _pwrite_all(fd, piece, position)
+            if file.direct is None:
+                _pwrite_all(file.fd, piece, position)
             else:  # only the object's last slice is not whole blocks: written padded
                 padded = -(-length // ALIGNMENT) * ALIGNMENT
                 view[length:padded] = bytes(padded - length)
-                _pwrite_all(direct, view[:padded], position)
+                _pwrite_all(file.direct, view[:padded], position)
             position += length
             callback.relative_update(length)
 
@@ -627,21 +620,21 @@ class Fetcher:
     def _stream_range(
         self,
         remote: _Remote,
-        fd: int,
-        direct: int | None,
+        file: _Target,
         start: int,
         end: int,
-        size: int,
         callback: TransferCallback,
         chunk: ChunkDigest,
     ) -> int:
         """One try of a chunk streamed by the filesystem's event loop (``stream_range``)."""
         blocks = (
-            DirectWriter(direct, start, self._buffers, last=end == size, on_data=chunk.update)
-            if direct is not None
+            DirectWriter(
+                file.direct, start, self._buffers, last=end == file.size, on_data=chunk.update
+            )
+            if file.direct is not None
             else None
         )
-        writer = _ChunkWriter(fd, chunk, callback, blocks)
+        writer = _ChunkWriter(file.fd, chunk, callback, blocks)
         try:
             received = stream_range(remote.fs, remote.path, start, end, writer, callback, blocks)
             if received == end - start:
@@ -811,6 +804,15 @@ class _Remote:
     shard_url: str
     getter: RangeGetter | None = None
     get_url: str | None = None
+
+
+@dataclass(frozen=True)
+class _Target:
+    """The temp file a download writes: buffered, and with ``O_DIRECT`` if ``direct``."""
+
+    fd: int
+    direct: int | None
+    size: int
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
