@@ -294,3 +294,30 @@ def test_s3_object_deleted_after_listing_is_a_missing_shard(s3_bucket, tmp_path)
         fs.rm_file(path)
         with pytest.raises(ShardNotFoundError, match=r"shard-000000\.tar.*NoSuchKey"):
             fetcher.fetch(shard)  # listed with size and version: no HEAD, the GET finds out
+
+
+@pytest.mark.s3
+def test_a_forked_child_signs_and_reads_with_its_own_clients(s3_bucket, tmp_path):
+    import os
+
+    shards = {i: make_shard(i, 5) for i in range(2)}
+    for i, data in shards.items():
+        s3_bucket.put(f"shard-{i:06d}.tar", data)
+    listed = list_shards(s3_bucket.url, storage_options=s3_bucket.storage_options)
+    options = s3_bucket.storage_options
+    with Fetcher(ShardCache(tmp_path / "c"), storage_options=options) as fetcher:
+        with fetcher.fetch(listed[0]) as fetched:  # the parent signs and reads first
+            assert fetched.file.read() == shards[0]
+        pid = os.fork()
+        if pid == 0:  # as a DataLoader worker started after the parent's downloads
+            code = 1
+            try:
+                with Fetcher(ShardCache(tmp_path / "child"), storage_options=options) as child:
+                    with child.fetch(listed[1]) as fetched:
+                        code = 0 if fetched.file.read() == shards[1] else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        with fetcher.fetch(listed[1]) as fetched:  # and the parent goes on
+            assert fetched.file.read() == shards[1]

@@ -55,7 +55,8 @@ class RangeGetter:
 
     Args:
         timeout: Seconds a connect or a read may wait before it fails (transient).
-        ssl_context: For ``https://`` URLs (default: the system's trust store).
+        ssl_context: Makes the TLS context of ``https://`` URLs, once, when first needed
+            (default: the system's trust store).
         max_idle: Connections kept open per host between requests.
 
     Safe to use from several threads; connections are never shared by two requests, nor
@@ -64,10 +65,15 @@ class RangeGetter:
     """
 
     def __init__(
-        self, *, timeout: float, ssl_context: ssl.SSLContext | None = None, max_idle: int = 8
+        self,
+        *,
+        timeout: float,
+        ssl_context: Callable[[], ssl.SSLContext] = ssl.create_default_context,
+        max_idle: int = 8,
     ) -> None:
         self.timeout = timeout
-        self.ssl_context = ssl_context
+        self._make_ssl_context = ssl_context
+        self._ssl_context: ssl.SSLContext | None = None  # made on first use (~15 ms)
         self.max_idle = max_idle
         self._idle: dict[_Address, list[http.client.HTTPConnection]] = collections.defaultdict(list)
         self._lock = threading.Lock()
@@ -147,18 +153,19 @@ class RangeGetter:
 
     def _take(self, address: _Address) -> tuple[http.client.HTTPConnection, bool]:
         """An idle connection to ``address`` (and True), else a new one (and False)."""
+        scheme, host, port = address
         with self._lock:
             idle = self._idle[address]
             if idle:
                 return idle.pop(), True
-        scheme, host, port = address
+            if scheme == "https" and self._ssl_context is None:
+                self._ssl_context = self._make_ssl_context()
+            context = self._ssl_context
         if scheme == "https":
-            return (
-                http.client.HTTPSConnection(
-                    host, port, timeout=self.timeout, context=self.ssl_context
-                ),
-                False,
+            connection = http.client.HTTPSConnection(
+                host, port, timeout=self.timeout, context=context
             )
+            return connection, False
         return http.client.HTTPConnection(host, port, timeout=self.timeout), False
 
     def _give(self, address: _Address, connection: http.client.HTTPConnection) -> None:

@@ -14,6 +14,9 @@ TLS verification and keys. ``WDSFS_S3_TRANSPORT=fsspec`` in the environment turn
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import os
 import ssl
 import threading
@@ -49,15 +52,32 @@ _GETS: weakref.WeakKeyDictionary[AbstractFileSystem, S3Gets] = weakref.WeakKeyDi
 _LOCK = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    # the twins' clients belong to the parent (s3fs instances are not fork-safe); fsspec
+    # forgets its instances in a child too
+    global _GETS, _LOCK
+    _GETS, _LOCK = weakref.WeakKeyDictionary(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @dataclass(frozen=True)
 class S3Gets:
-    """Presigned GETs of one s3fs filesystem's objects, and the getter that reads them."""
+    """Presigned GETs of one s3fs filesystem's objects, and the getter that reads them.
+
+    The signer's client (~5 ms to make) is made on fsspec's event loop from the start, while
+    the first download still looks up its shard and opens the cache.
+    """
 
     getter: RangeGetter
     signer: AbstractFileSystem  # the filesystem, or its twin that signs with SigV4
+    ready: concurrent.futures.Future[Any]  # the signer's client made
 
     def url(self, path: str, transfer: Cancellable) -> str:
         """A GET URL for ``path`` (``bucket/key``, with ``?versionId=`` if version-aware)."""
+        self.ready.result()  # raises what making the client raised
         url: str = call(self.signer, "url", path, _EXPIRES_SECONDS, transfer=transfer)
         return url
 
@@ -85,8 +105,11 @@ def _make(fs: Any) -> S3Gets:
         float(config_kwargs.get("connect_timeout", _BOTOCORE_TIMEOUT)),
         float(config_kwargs.get("read_timeout", _BOTOCORE_TIMEOUT)),
     )
-    getter = RangeGetter(timeout=timeout, ssl_context=_ssl_context(client_kwargs.get("verify")))
-    return S3Gets(getter, _sigv4_signer(fs))
+    verify = client_kwargs.get("verify")
+    getter = RangeGetter(timeout=timeout, ssl_context=functools.partial(_ssl_context, verify))
+    signer: Any = _sigv4_signer(fs)
+    ready = asyncio.run_coroutine_threadsafe(signer.set_session(), signer.loop)
+    return S3Gets(getter, signer, ready)
 
 
 def _sigv4_signer(fs: Any) -> AbstractFileSystem:
@@ -100,9 +123,12 @@ def _sigv4_signer(fs: Any) -> AbstractFileSystem:
         return fs  # unsigned URLs, or the version the user chose
     options = dict(fs.storage_options)
     options["config_kwargs"] = {**fs.config_kwargs, "signature_version": "s3v4"}
-    twin: AbstractFileSystem = type(fs)(**options)
+    twin: Any = type(fs)(**options)
+    if twin.session is None and fs.session is not None:
+        twin.session = fs.session  # the same credentials, resolved once (a session is ~5 ms)
     share_service_models(twin)
-    return twin
+    result: AbstractFileSystem = twin
+    return result
 
 
 def _plain_request_suffices(fs: Any) -> bool:

@@ -62,6 +62,7 @@ _LOCAL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.E
 
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024  # as many requests as 8 MiB raw reads: each costs ~1 ms of CPU
 _MIN_CHUNK_SIZE = 1024 * 1024
+_SLICE_SIZE = 1024 * 1024  # bytes read per readinto, then hashed and written
 _REPORT_BYTES = 512 * 1024
 
 
@@ -180,7 +181,8 @@ class Fetcher:
         self.progress = progress
         self.backoff = backoff
         self.direct_io = direct_io
-        self._buffers = BufferPool(2 * _MIN_CHUNK_SIZE, keep=max_workers)
+        self._buffers = BufferPool(2 * _MIN_CHUNK_SIZE, keep=max_workers)  # DirectWriter's
+        self._slices = BufferPool(_SLICE_SIZE, keep=max_workers)  # the range getter's
         self.metrics = FetchMetrics()
         self._pool: PriorityPool | None = None
         self._pool_lock = threading.Lock()
@@ -250,6 +252,7 @@ class Fetcher:
         fs, path = url_to_fs(shard.url, self.storage_options)
         if is_local(fs):
             return self._open_local(shard, path)
+        s3_gets(fs, max_idle=self.max_workers)  # its signer gets ready meanwhile
         self._trim_once()
         shard = self._resolve(fs, path, shard, callback)
         key = self.cache.key(shard)
@@ -297,6 +300,7 @@ class Fetcher:
             return self._open_local(shard, path)
         if shard.size is None or shard.version is None:
             return None  # a HEAD first: that is fetch()'s job
+        s3_gets(fs, max_idle=self.max_workers)  # a miss downloads next: its signer gets ready
         self._trim_once()
         return self._hit(shard, self.cache.key(shard))
 
@@ -594,7 +598,7 @@ class Fetcher:
     ) -> int:
         """One try of a chunk read by the range getter into one of our aligned buffers."""
         assert remote.getter is not None and remote.get_url is not None
-        buffer = self._buffers.take()
+        buffer = self._slices.take()
         view = memoryview(buffer)
         position = start
 
@@ -615,7 +619,7 @@ class Fetcher:
             return remote.getter.get(remote.get_url, start, end, view, consume, callback)
         finally:
             view.release()
-            self._buffers.give(buffer)
+            self._slices.give(buffer)
 
     def _stream_range(
         self,
