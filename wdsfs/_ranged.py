@@ -5,7 +5,9 @@
 reads the aiohttp response body directly. That halves the client's CPU per byte against
 ``fs.cat_file(start=, end=)`` (measured on loopback: 0.4 vs 0.7-0.75 CPU-s/GB), which is what
 a download competing with the storage server for cores needs. Other async backends (gcsfs,
-adlfs) read the range with ``_cat_file`` and give one piece; sync ones (memory) too.
+adlfs) read the range with ``_cat_file`` and give one piece; sync ones (memory) too. (Most S3
+downloads do not come this way: they are presigned GETs read by :mod:`wdsfs._http_get`,
+cheaper still; see :mod:`wdsfs._presign`.)
 
 On async filesystems the read runs on fsspec's event loop and is cancelled there within ~50 ms
 of ``transfer.cancelled()`` turning true; ``transfer.check()`` then raises. The sink runs on
