@@ -5,9 +5,9 @@ connection and reads the body with ``readinto`` into a page-aligned buffer, one 
 time, handing each slice to the caller (which hashes it and writes it to disk). No bytes
 object is made per network read, no event loop or thread hand-off is involved, and the slices
 can go to ``O_DIRECT`` writes as they are. On loopback against SeaweedFS this reads at
-0.3 CPU-s/GB where s3fs's ``get_object`` through aiohttp needs 0.7 (see docs/benchmarks.md):
-on a machine whose cores the storage client shares with the training job, that is the
-throughput.
+~0.3 CPU-s/GB (0.42-0.5 with hashing and direct writes) where s3fs's ``get_object`` through
+aiohttp needs 0.6-0.8 for the read alone (docs/benchmarks-results.md): on a machine whose cores
+the storage client shares with the training job, that is the throughput.
 
 Cancellation: between slices the transfer is checked; while a read blocks (a server that
 accepted the request and went quiet), a watch thread polling every 50 ms shuts the socket down
