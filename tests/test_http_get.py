@@ -16,7 +16,7 @@ import pytest
 
 from tests.datasets import make_shard
 from wdsfs._fs import url_to_fs
-from wdsfs._http_get import RangeGetter
+from wdsfs._http_get import RangeGetter, RequestRefused
 from wdsfs._presign import TRANSPORT_VARIABLE, S3Gets, s3_gets
 from wdsfs.cache import ShardCache
 from wdsfs.download import Fetcher, TransferCallback
@@ -123,10 +123,12 @@ def test_error_statuses_say_what_the_server_said() -> None:
     getter = RangeGetter(timeout=10)
     cases: list[tuple[int, str, type[BaseException], int | None]] = [
         (404, "NoSuchKey", FileNotFoundError, errno.ENOENT),
-        (403, "AccessDenied", PermissionError, errno.EACCES),
+        (403, "AccessDenied", RequestRefused, None),
+        (400, "AuthorizationHeaderMalformed", RequestRefused, None),
+        (301, "PermanentRedirect", RequestRefused, None),
         (503, "SlowDown", OSError, errno.EBUSY),
         (500, "InternalError", OSError, errno.EREMOTEIO),
-        (400, "InvalidArgument", DownloadError, None),
+        (409, "OperationAborted", DownloadError, None),
     ]
     for status, code, kind, number in cases:
         body = f"<Error><Code>{code}</Code><Message>told so</Message></Error>".encode()
@@ -321,3 +323,32 @@ def test_a_forked_child_signs_and_reads_with_its_own_clients(s3_bucket, tmp_path
         assert os.waitstatus_to_exitcode(status) == 0
         with fetcher.fetch(listed[1]) as fetched:  # and the parent goes on
             assert fetched.file.read() == shards[1]
+
+
+@pytest.mark.s3
+def test_a_refused_presigned_get_is_sent_through_s3fs_from_then_on(
+    s3_bucket, fault_proxy, tmp_path, monkeypatch, caplog
+):
+    data = make_shard(0, 20, payload=20_000)
+    for i in range(2):
+        s3_bucket.put(f"shard-{i:06d}.tar", data)
+    proxy = fault_proxy(s3_bucket.endpoint_url)
+    options = s3_bucket.options_for(proxy.endpoint_url)  # this test's own filesystem
+    shards = list_shards(s3_bucket.url, storage_options=options)
+    refusals: list[str] = []
+
+    def refuse(self: RangeGetter, url: str, *args: Any) -> int:  # as a region mismatch would
+        refusals.append(url)
+        raise RequestRefused(f"{url}: HTTP 400 Bad Request (AuthorizationHeaderMalformed)")
+
+    monkeypatch.setattr(RangeGetter, "get", refuse)
+    with Fetcher(ShardCache(tmp_path / "c"), storage_options=options) as fetcher:
+        for shard in shards:
+            with fetcher.fetch(shard) as fetched:
+                assert fetched.file.read() == data
+    gets = [target for method, target in proxy.requests if method == "GET"]
+    assert refusals and len(gets) >= 2 and not any("X-Amz-Signature=" in t for t in gets)
+    assert fetcher.metrics.retries == 0  # not a transient error: no backoff
+    assert any("refused a presigned GET" in r.getMessage() for r in caplog.records)
+    # the second shard was not tried as a presigned GET at all
+    assert all("shard-000000" in url for url in refusals)

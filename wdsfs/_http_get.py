@@ -15,8 +15,8 @@ once the transfer is cancelled, so the read returns at once and
 :class:`~wdsfs.errors.DownloadCancelled` is raised. The connection is then dropped, as after
 any error; a connection is reused only after a body was read to its end.
 
-Errors carry what the server said: 404 is :class:`FileNotFoundError`, 401/403
-:class:`PermissionError`, 429/5xx an ``OSError`` with ``EBUSY``/``EREMOTEIO`` (transient, as
+Errors carry what the server said: 404 is :class:`FileNotFoundError`, 3xx/400/401/403
+:class:`RequestRefused`, 429/5xx an ``OSError`` with ``EBUSY``/``EREMOTEIO`` (transient, as
 s3fs raises them); other statuses are a :class:`~wdsfs.errors.DownloadError`.
 """
 
@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 from wdsfs._ranged import Cancellable
 from wdsfs.errors import DownloadError
 
-__all__ = ["RangeGetter"]
+__all__ = ["RangeGetter", "RequestRefused"]
 
 _WATCH_SECONDS = 0.05
 _ERROR_BODY_BYTES = 64 * 1024
@@ -48,6 +48,15 @@ _S3_ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 
 Consume = Callable[[memoryview], None]
 _Address = tuple[str, str, int]  # scheme, host, port
+
+
+class RequestRefused(DownloadError):
+    """The server refused the request as it was sent (HTTP 3xx, 400, 401, 403).
+
+    A presigned URL can be refused where the client's own request would not be (a bucket in
+    another region, a server without presigned URLs), so the caller may try its other way,
+    which then gives the real error if there is one.
+    """
 
 
 class RangeGetter:
@@ -197,8 +206,8 @@ class RangeGetter:
         said = _server_says(response.read(_ERROR_BODY_BYTES), status, response.reason)
         if status == 404:
             raise FileNotFoundError(errno.ENOENT, said, _shown(url))
-        if status in (401, 403):
-            raise PermissionError(errno.EACCES, said, _shown(url))
+        if 300 <= status < 400 or status in (400, 401, 403):
+            raise RequestRefused(f"{_shown(url)}: {said}", url=_shown(url))
         if status == 429 or status == 503:
             raise OSError(errno.EBUSY, said, _shown(url))
         if status >= 500:

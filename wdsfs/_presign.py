@@ -9,7 +9,9 @@ through s3fs.
 Used only where the presigned request is exactly what s3fs would send: not with
 ``requester_pays``, ``s3_additional_kwargs`` (SSE-C keys, ...), proxies (botocore ``Config`` or
 ``HTTP(S)_PROXY``), client certificates or client options other than the endpoint, region,
-TLS verification and keys. ``WDSFS_S3_TRANSPORT=fsspec`` in the environment turns it off.
+TLS verification and keys. ``WDSFS_S3_TRANSPORT=fsspec`` in the environment turns it off. A
+presigned GET the storage refuses (a bucket in another region, a server without presigned
+URLs) is sent again through s3fs, and so is every later one of that filesystem.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from wdsfs._botocore import share_service_models
 from wdsfs._http_get import RangeGetter
 from wdsfs._ranged import Cancellable, call
 
-__all__ = ["TRANSPORT_VARIABLE", "S3Gets", "s3_gets"]
+__all__ = ["TRANSPORT_VARIABLE", "S3Gets", "refused", "s3_gets"]
 
 TRANSPORT_VARIABLE = "WDSFS_S3_TRANSPORT"
 _EXPIRES_SECONDS = 3600
@@ -49,6 +51,7 @@ _CLIENT_KWARGS = frozenset(
 _CONFIG_KWARGS_NOT_SIGNED = frozenset({"proxies", "proxies_config", "client_cert"})
 _BOTOCORE_TIMEOUT = 60.0
 _GETS: weakref.WeakKeyDictionary[AbstractFileSystem, S3Gets] = weakref.WeakKeyDictionary()
+_REFUSED: weakref.WeakSet[AbstractFileSystem] = weakref.WeakSet()
 _LOCK = threading.Lock()
 
 
@@ -91,11 +94,19 @@ def s3_gets(fs: AbstractFileSystem, max_idle: int) -> S3Gets | None:
     if type(fs).__module__.split(".")[0] != "s3fs" or not _plain_request_suffices(fs):
         return None
     with _LOCK:
+        if fs in _REFUSED:
+            return None
         gets = _GETS.get(fs)
         if gets is None:
             gets = _GETS[fs] = _make(fs)
         gets.getter.max_idle = max(gets.getter.max_idle, max_idle)
         return gets
+
+
+def refused(fs: AbstractFileSystem) -> None:
+    """The storage refused a presigned GET of ``fs``: use s3fs for it from now on (this process)."""
+    with _LOCK:
+        _REFUSED.add(fs)
 
 
 def _make(fs: Any) -> S3Gets:

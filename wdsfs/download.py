@@ -42,9 +42,9 @@ from fsspec.spec import AbstractFileSystem
 
 from wdsfs._direct import ALIGNMENT, BufferPool, DirectWriter, open_direct
 from wdsfs._fs import describe, is_local, is_transient, translate_error, url_to_fs
-from wdsfs._http_get import RangeGetter
+from wdsfs._http_get import RangeGetter, RequestRefused
 from wdsfs._pool import PriorityPool
-from wdsfs._presign import s3_gets
+from wdsfs._presign import refused, s3_gets
 from wdsfs._ranged import call, run_cancellable, stream_range
 from wdsfs.cache import ShardCache
 from wdsfs.checksum import Checksum, ChunkDigest, ObjectDigest, best
@@ -527,6 +527,17 @@ class Fetcher:
         )
         return _Remote(fs, path, url, gets.getter, get_url)
 
+    @staticmethod
+    def _without_presign(remote: _Remote, exc: RequestRefused) -> _Remote:
+        """Send through s3fs what the storage refused as a presigned GET (from now on)."""
+        refused(remote.fs)
+        logger.warning(
+            "%s: the storage refused a presigned GET (%s); reading through s3fs instead",
+            remote.shard_url,
+            exc,
+        )
+        return _Remote(remote.fs, remote.path, remote.shard_url)
+
     @contextlib.contextmanager
     def _chunk_step(self, size: int) -> Iterator[int]:
         """Bytes per ranged read of a ``size``-byte shard, while its chunks download.
@@ -565,8 +576,11 @@ class Fetcher:
             chunk = digest.chunk(start)
             try:
                 if remote.getter is not None:
-                    received = self._get(remote, file, start, end, callback, chunk)
-                else:
+                    try:
+                        received = self._get(remote, file, start, end, callback, chunk)
+                    except RequestRefused as exc:
+                        remote, chunk = self._without_presign(remote, exc), digest.chunk(start)
+                if remote.getter is None:
                     received = self._stream_range(remote, file, start, end, callback, chunk)
             except DownloadCancelled:
                 raise
