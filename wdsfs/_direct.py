@@ -22,7 +22,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 
-__all__ = ["ALIGNMENT", "BufferPool", "DirectWriter", "open_direct"]
+__all__ = ["ALIGNMENT", "BufferPool", "DirectWriter", "open_direct", "pwrite_all"]
 
 ALIGNMENT = 4096
 _Block = tuple[mmap.mmap, int, int, int]  # buffer, file offset, bytes to write, payload bytes
@@ -47,6 +47,13 @@ def open_direct(path: str) -> int | None:
     finally:
         probe.close()
     return fd
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd`` (``pwrite`` may write less at once)."""
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
 
 
 class BufferPool:
@@ -194,9 +201,7 @@ class DirectWriter:
         try:
             with view[:data] as payload:
                 self._on_data(payload)  # checksum here, not on the event loop thread
-            written = 0
-            while written < length:
-                written += os.pwrite(self._fd, view[written:length], position + written)
+            pwrite_all(self._fd, view[:length], position)
         finally:
             view.release()
             self._pool.give(buffer)

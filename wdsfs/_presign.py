@@ -25,7 +25,7 @@ import threading
 import urllib.request
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from fsspec.spec import AbstractFileSystem
 
@@ -138,8 +138,7 @@ def _sigv4_signer(fs: Any) -> AbstractFileSystem:
     if twin.session is None and fs.session is not None:
         twin.session = fs.session  # the same credentials, resolved once (a session is ~5 ms)
     share_service_models(twin)
-    result: AbstractFileSystem = twin
-    return result
+    return cast(AbstractFileSystem, twin)
 
 
 def _plain_request_suffices(fs: Any) -> bool:

@@ -40,7 +40,7 @@ from typing import IO, Any, TypeVar
 from fsspec.callbacks import Callback
 from fsspec.spec import AbstractFileSystem
 
-from wdsfs._direct import ALIGNMENT, BufferPool, DirectWriter, open_direct
+from wdsfs._direct import ALIGNMENT, BufferPool, DirectWriter, open_direct, pwrite_all
 from wdsfs._fs import describe, is_local, is_transient, translate_error, url_to_fs
 from wdsfs._http_get import RangeGetter, RequestRefused
 from wdsfs._pool import PriorityPool
@@ -626,11 +626,11 @@ class Fetcher:
             length = len(piece)
             chunk.update(piece)
             if file.direct is None:
-                _pwrite_all(file.fd, piece, position)
+                pwrite_all(file.fd, piece, position)
             else:  # only the object's last slice is not whole blocks: written padded
                 padded = -(-length // ALIGNMENT) * ALIGNMENT
                 view[length:padded] = bytes(padded - length)
-                _pwrite_all(file.direct, view[:padded], position)
+                pwrite_all(file.direct, view[:padded], position)
             position += length
             callback.relative_update(length)
 
@@ -836,12 +836,6 @@ class _Target:
     fd: int
     direct: int | None
     size: int
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    written = 0
-    while written < len(data):
-        written += os.pwrite(fd, data[written:], offset + written)
 
 
 class _ChunkWriter:
