@@ -307,6 +307,60 @@ def test_worker_result_pipe_is_widened(tmp_path: Path) -> None:
         iterator._shutdown_workers()
 
 
+def _samples_through(root, cache, **loader_kwargs):
+    """Every sample of an epoch (as the collate got it, bytes and all), and whether some
+    batches came through the workers' shared-memory rings."""
+    from wdsfs import _shared_rings
+
+    dataset = StreamingWebDataset(str(root), cache_dir=str(cache))
+    loader = StreamingDataLoader(dataset, collate_fn=list, **loader_kwargs)
+    samples, through_rings = [], False
+    for batch in loader:
+        samples.extend(batch)
+        through_rings = through_rings or any(r.batches for r in _shared_rings._OPEN.values())
+    return sorted(samples, key=lambda s: s["__key__"]), through_rings
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfds are Linux's")
+def test_large_samples_cross_from_forked_workers_through_shared_memory(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    root.mkdir()
+    write_dataset(lambda name, data: (root / name).write_bytes(data), [9, 8, 7], payload=60_000)
+    expected, _ = _samples_through(root, tmp_path / "c0", batch_size=4, num_workers=0)
+
+    got, through_rings = _samples_through(
+        root, tmp_path / "c1", batch_size=4, num_workers=2, multiprocessing_context="fork"
+    )
+    assert through_rings and got == expected
+    assert all(type(s["bin"]) is bytes and len(s["bin"]) == 60_000 for s in got)
+
+    # persistent workers keep their rings from one epoch to the next
+    dataset = StreamingWebDataset(str(root), cache_dir=str(tmp_path / "c2"))
+    loader = StreamingDataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=2,
+        persistent_workers=True,
+        multiprocessing_context="fork",
+    )
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        assert sorted(s["__key__"] for s in loader) == [s["__key__"] for s in expected]
+
+
+@pytest.mark.slow
+def test_spawned_workers_send_their_batches_inline(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    root.mkdir()
+    write_dataset(lambda name, data: (root / name).write_bytes(data), [5, 4], payload=60_000)
+    expected, _ = _samples_through(root, tmp_path / "c0", batch_size=3, num_workers=0)
+
+    got, through_rings = _samples_through(
+        root, tmp_path / "c1", batch_size=3, num_workers=2, multiprocessing_context="spawn"
+    )
+    assert not through_rings and got == expected
+
+
 def _first_shard_of_each_worker(dataset, num_workers):
     from wdsfs.plan import ReaderId
 

@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import uuid
+import weakref
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,9 @@ from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data._utils.collate import default_collate, default_convert
 from torch.utils.data._utils.pin_memory import pin_memory
 
+from wdsfs import _shared_rings as shared_rings
 from wdsfs._head_start import HeadStart
+from wdsfs._shared_rings import BatchRings
 from wdsfs.dataset import ReaderWork, StreamingWebDataset, _Resume
 from wdsfs.errors import StateMismatchError
 from wdsfs.plan import ReaderId, WorkItem, plan_epoch, redistribute
@@ -41,6 +44,12 @@ logger = logging.getLogger(__name__)
 
 _RESULT_PIPE_BYTES = 1024 * 1024
 
+# the workers' shared-memory rings (see wdsfs._shared_rings): bounds, and the size of a sample
+# assumed when the index does not tell
+_RING_MIN = 1024 * 1024
+_RING_MAX = 64 * 1024 * 1024
+_RING_SAMPLE_GUESS = 128 * 1024
+
 _FORMAT = "wdsfs-loader-state"
 _VERSION = 1
 
@@ -48,7 +57,7 @@ _VERSION = 1
 class _Tracked:
     """A user batch travelling with the state of the reader that produced it."""
 
-    __slots__ = ("batch", "items", "reader", "samples", "state")
+    __slots__ = ("batch", "items", "reader", "rings", "samples", "state", "worker")
 
     def __init__(
         self,
@@ -57,12 +66,22 @@ class _Tracked:
         state: ReaderState,
         items: list[list[int | None]] | None,
         samples: int,
+        rings: BatchRings | None = None,
+        worker: int = 0,
     ) -> None:
         self.batch = batch
         self.reader = reader
         self.state = state
         self.items = items
         self.samples = samples
+        self.rings = rings  # in a worker: the rings its batch travels through
+        self.worker = worker
+
+    def __reduce__(self) -> Any:
+        rest = (self.reader, self.state, self.items, self.samples)
+        if self.rings is None:
+            return _Tracked, (self.batch, *rest)
+        return self.rings.reduce(self.worker, _Tracked, self.batch, *rest)
 
     def pin_memory(self) -> _Tracked:
         pinned = pin_memory(self.batch)  # type: ignore[no-untyped-call]
@@ -86,10 +105,12 @@ class _TrackingCollate:
     def __init__(self, collate_fn: Callable[[Any], Any], dataset: StreamingWebDataset) -> None:
         self.collate_fn = collate_fn
         self.dataset: StreamingWebDataset | None = dataset
+        self.rings: BatchRings | None = None  # set while forking workers
 
     def __getstate__(self) -> dict[str, Any]:
-        # workers use their own copy of the dataset (get_worker_info().dataset)
-        return {"collate_fn": self.collate_fn, "dataset": None}
+        # workers use their own copy of the dataset (get_worker_info().dataset); spawned ones
+        # cannot map the rings
+        return {"collate_fn": self.collate_fn, "dataset": None, "rings": None}
 
     def __call__(self, samples: Any) -> _Tracked:
         info = get_worker_info()
@@ -102,7 +123,10 @@ class _TrackingCollate:
         # items that plan_epoch cannot recompute (after an elastic resume) travel with the state
         items = None if work.planned else [item.to_json() for item in work.items]
         count = len(samples) if isinstance(samples, list) else 1
-        return _Tracked(self.collate_fn(samples), work.reader.index, state, items, count)
+        batch = self.collate_fn(samples)
+        if info is None:
+            return _Tracked(batch, work.reader.index, state, items, count)
+        return _Tracked(batch, work.reader.index, state, items, count, self.rings, info.id)
 
 
 def _widen_result_pipe(iterator: Any) -> None:
@@ -251,9 +275,35 @@ class StreamingDataLoader(DataLoader[Any]):
         return HeadStart(dataset.fetcher(), dataset.first_shards(self.num_workers))
 
     def _get_iterator(self) -> Any:
-        iterator = super()._get_iterator()
+        collate = self.collate_fn
+        assert isinstance(collate, _TrackingCollate)
+        rings = None
+        if self.num_workers > 0 and shared_rings.available(self.multiprocessing_context):
+            rings = collate.rings = shared_rings.BatchRings(self.num_workers, self._ring_bytes())
+        try:
+            iterator = super()._get_iterator()  # forks the workers, which inherit the rings
+        except BaseException:
+            if rings is not None:
+                rings.close()
+            raise
+        finally:
+            collate.rings = None
+        if rings is not None:
+            weakref.finalize(iterator, rings.close)
         _widen_result_pipe(iterator)
         return iterator
+
+    def _ring_bytes(self) -> int:
+        """Each worker's ring: its batches in flight (``prefetch_factor``) and one more."""
+        shards = self.streaming_dataset.shards()
+        sizes = [shard.size for shard in shards]
+        counts = [shard.num_samples for shard in shards]
+        per_sample = _RING_SAMPLE_GUESS
+        if None not in sizes and None not in counts and sum(counts):  # type: ignore[arg-type]
+            per_sample = sum(sizes) // sum(counts)  # type: ignore[arg-type]
+        batches = (self.prefetch_factor or 2) + 1
+        wanted = batches * (self.batch_size or 1) * per_sample
+        return int(min(max(wanted, _RING_MIN), _RING_MAX))
 
     def _config(self) -> dict[str, Any]:
         dataset = self.streaming_dataset
