@@ -331,3 +331,58 @@ def test_a_session_keeps_the_thread_connection_until_its_outermost_end(tmp_path)
         seen_elsewhere[0].close()  # another thread: its own connection, closed after use
     assert connection() is None
     cache.close()
+
+
+# -- claims: the head start's locks, taken before DataLoader workers fork ----------------------
+
+
+def _lock_and_report(cache: ShardCache, key: str, queue) -> None:
+    begun = time.monotonic()
+    with cache.lock(key):
+        queue.put(time.monotonic() - begun)
+
+
+def _claim_fails(cache: ShardCache, key: str, queue) -> None:
+    queue.put(cache.claim(key))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="claims serve forked workers")
+def test_a_claim_makes_a_forked_child_wait_and_is_taken_over_by_this_process(tmp_path):
+    cache = ShardCache(tmp_path / "cache")
+    key = "s3://b/shard-0.tar#etag"
+    assert cache.claim(key)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_lock_and_report, args=(cache, key, queue))
+    child.start()
+    try:
+        time.sleep(0.5)
+        assert queue.empty()  # the child waits on the claimed lock
+        with cache.lock(key):  # this process takes the claim over, without waiting
+            assert queue.empty()
+        waited = queue.get(timeout=30)  # released at the end of lock(): the child gets it
+        assert waited >= 0.45
+    finally:
+        child.join(timeout=30)
+    assert child.exitcode == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="claims serve forked workers")
+def test_a_forked_child_never_releases_its_parents_claim(tmp_path):
+    cache = ShardCache(tmp_path / "cache")
+    key = "s3://b/shard-1.tar#etag"
+    assert cache.claim(key)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    # a child drops its inherited copy (release_claim closes its descriptor only)...
+    dropper = context.Process(target=cache.release_claim, args=(key,))
+    dropper.start()
+    dropper.join(timeout=30)
+    # ...and the lock is still held: another process cannot claim it
+    other = context.Process(target=_claim_fails, args=(ShardCache(tmp_path / "cache"), key, queue))
+    other.start()
+    assert queue.get(timeout=30) is False
+    other.join(timeout=30)
+    cache.release_claim(key)
+    assert cache.claim(key)  # free again
+    cache.release_claim(key)

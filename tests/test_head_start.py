@@ -71,3 +71,29 @@ def test_an_error_is_left_to_the_worker_that_reads_the_shard(s3_bucket, tmp_path
 
     assert "missing.tar" in caplog.text  # logged, not raised here; it stops there
     assert ShardCache.key(shard) not in cache
+
+
+def test_claimed_shards_are_served_to_a_forked_worker_from_the_cache(s3_bucket, tmp_path):
+    import multiprocessing
+
+    s3_bucket.put("shard-0.tar", make_shard(0, 3))
+    (shard,) = list_shards(s3_bucket.url, storage_options=s3_bucket.storage_options)
+    cache = ShardCache(tmp_path / "cache")
+    head_start = HeadStart(Fetcher(cache, storage_options=s3_bucket.storage_options), [shard])
+    head_start.claim()  # as the loader does, before its workers fork
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    worker = context.Process(target=_fetch_in_worker, args=(cache, s3_bucket, shard, queue))
+    worker.start()
+    time.sleep(0.5)  # the worker asks for the shard before the head start's thread begins
+    with head_start:
+        from_cache = queue.get(timeout=60)
+    worker.join(timeout=60)
+
+    assert worker.exitcode == 0
+    assert from_cache  # the worker waited for the head start instead of downloading it too
+
+
+def _fetch_in_worker(cache, s3_bucket, shard, queue):
+    with Fetcher(cache, storage_options=s3_bucket.storage_options).fetch(shard) as fetched:
+        queue.put(fetched.from_cache)

@@ -37,6 +37,11 @@ import diskcache
 import filelock
 import platformdirs
 
+try:
+    import fcntl
+except ImportError:  # Windows: no claims (see ShardCache.claim)
+    fcntl = None  # type: ignore[assignment]
+
 from wdsfs._fs import parse_size
 from wdsfs.errors import CacheError, DownloadCancelled
 from wdsfs.shard import Shard
@@ -106,6 +111,7 @@ class ShardCache:
         self._pid: int | None = None
         self._open_lock = threading.Lock()
         self._held = threading.local()  # depth of this thread's open session()s
+        self._claims: dict[str, tuple[int, int]] = {}  # key -> (pid, fd holding its flock)
 
     def __repr__(self) -> str:
         return f"ShardCache({self.directory!r}, cache_limit={self.cache_limit})"
@@ -126,11 +132,13 @@ class ShardCache:
     def _db(self) -> diskcache.Cache:
         if self._cache is None or self._pid != os.getpid():
             with self._open_lock:
-                if self._cache is None or self._pid != os.getpid():
-                    self._counts = None  # a parent's connection is not this process's
+                if self._cache is None:
                     self._cache = self._open()
                     self._cache.close()
-                    self._pid = os.getpid()
+                # a forked child keeps the parent's opened index (diskcache connects again in
+                # each process and thread): opening it again writes its settings, and workers
+                # doing that all at once wait on each other's SQLite locks
+                self._pid = os.getpid()
         return self._cache
 
     @contextlib.contextmanager
@@ -369,6 +377,49 @@ class ShardCache:
                 logger.debug("evicting %s to stay under %d bytes", rows[0][0], self.cache_limit)
                 db.delete(rows[0][0])
 
+    def _lock_path(self, key: str) -> str:
+        self._db  # noqa: B018 - the locks directory exists
+        name = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return str(Path(self.directory, "locks", f"{name}.lock"))
+
+    def claim(self, key: str) -> bool:
+        """Take the lock of ``key`` now, if it is free, for this process's next :meth:`lock`.
+
+        The main process claims the shards its head start fetches before it forks DataLoader
+        workers: a worker asking for one then waits for that fetch, instead of racing it with a
+        storage client of its own that is still cold. A forked child inherits the lock's file
+        descriptor but never releases the lock (only the claimer's ``flock(LOCK_UN)`` does).
+        Returns whether the claim was taken; never on Windows, which has no fork.
+        """
+        if fcntl is None:
+            return False
+        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        with self._open_lock:
+            old = self._claims.pop(key, None)
+            self._claims[key] = (os.getpid(), fd)
+        if old is not None:
+            self._end_claim(old)
+        return True
+
+    def release_claim(self, key: str) -> None:
+        """Release the claim of ``key`` if no :meth:`lock` took it over."""
+        with self._open_lock:
+            claimed = self._claims.pop(key, None)
+        if claimed is not None:
+            self._end_claim(claimed)
+
+    @staticmethod
+    def _end_claim(claimed: tuple[int, int]) -> None:
+        pid, fd = claimed
+        if pid == os.getpid() and fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)  # in a forked child only its copy: the claimer's lock stays
+
     @contextlib.contextmanager
     def lock(self, key: str, stop_event: StopSignal | None = None) -> Iterator[None]:
         """Hold the cross-process lock of ``key`` (one download per key on this machine).
@@ -376,11 +427,17 @@ class ShardCache:
         Raises:
             DownloadCancelled: ``stop_event`` was set while waiting for the lock.
         """
-        name = hashlib.sha256(key.encode()).hexdigest()[:32]
-        self._db  # noqa: B018
-        lock = filelock.FileLock(
-            str(Path(self.directory, "locks", f"{name}.lock")), thread_local=False
-        )
+        with self._open_lock:
+            claimed = self._claims.pop(key, None)
+        if claimed is not None:
+            if claimed[0] == os.getpid():  # this process claimed it: taken over, held already
+                try:
+                    yield
+                finally:
+                    self._end_claim(claimed)
+                return
+            self._end_claim(claimed)  # a parent's claim: wait for it like any other holder
+        lock = filelock.FileLock(self._lock_path(key), thread_local=False)
         while True:
             try:
                 lock.acquire(timeout=0.5, poll_interval=_LOCK_POLL)

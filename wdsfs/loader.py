@@ -223,10 +223,15 @@ class StreamingDataLoader(DataLoader[Any]):
             self.persistent_workers and self._iterator is not None
         )
         here = self.num_workers == 0 and not self.pin_memory
-        # (torch's iterator forks the workers here, before any thread of the head start)
-        iterator = self._batches_here(dataset) if here else super().__iter__()
+        head_start = self._head_start(dataset, starting)
         try:
-            with self._head_start(dataset, starting):
+            # (torch's iterator forks the workers here, before any thread of the head start)
+            iterator = self._batches_here(dataset) if here else super().__iter__()
+        except BaseException:
+            head_start.__exit__(None, None, None)  # releases its claims
+            raise
+        try:
+            with head_start:
                 for tracked in iterator:
                     self._states[tracked.reader] = tracked.state
                     if tracked.items is not None:
@@ -272,7 +277,9 @@ class StreamingDataLoader(DataLoader[Any]):
         """Fetch the workers' first shards here while new workers start (none otherwise)."""
         if not starting:
             return contextlib.nullcontext()
-        return HeadStart(dataset.fetcher(), dataset.first_shards(self.num_workers))
+        head_start = HeadStart(dataset.fetcher(), dataset.first_shards(self.num_workers))
+        head_start.claim()  # before the workers fork: they wait for these shards
+        return head_start
 
     def _get_iterator(self) -> Any:
         collate = self.collate_fn
