@@ -307,11 +307,12 @@ class StreamingDataLoader(DataLoader[Any]):
     def _ring_bytes(self) -> int:
         """Each worker's ring: its batches in flight (``prefetch_factor``) and one more."""
         shards = self.streaming_dataset.shards()
-        sizes = [shard.size for shard in shards]
-        counts = [shard.num_samples for shard in shards]
+        sizes = [shard.size for shard in shards if shard.size is not None]
+        counts = [shard.num_samples for shard in shards if shard.num_samples is not None]
+        samples: int = sum(counts)
         per_sample = _RING_SAMPLE_GUESS
-        if None not in sizes and None not in counts and sum(counts):  # type: ignore[arg-type]
-            per_sample = sum(sizes) // sum(counts)  # type: ignore[arg-type]
+        if len(sizes) == len(counts) == len(shards) and samples:  # all known: an index
+            per_sample = sum(sizes) // samples
         batches = (self.prefetch_factor or 2) + 1
         wanted = batches * (self.batch_size or 1) * per_sample
         return int(min(max(wanted, _RING_MIN), _RING_MAX))
