@@ -48,6 +48,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_HEAD(self) -> None:
+        if type(self).behaviour(self):
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(DATA)))
+        self.send_header("x-amz-checksum-crc32", self.headers.get("x-amz-checksum-mode", "-"))
+        self.end_headers()
+
     def log_message(self, *args: Any) -> None:
         pass
 
@@ -241,6 +249,40 @@ def test_a_read_that_blocks_is_cancelled_promptly(stall: str) -> None:
     assert not [t for t in threading.enumerate() if t.name == "wdsfs-cancel-watch"]  # ended
 
 
+def _head_status(status: int) -> Callable[[_Handler], bool]:
+    def reply(handler: _Handler) -> bool:
+        handler.send_response(status)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+        return True
+
+    return reply
+
+
+def test_a_head_sends_its_headers_and_returns_the_answers_over_a_kept_connection() -> None:
+    getter = RangeGetter(timeout=10)
+    with _server() as (url, handler):
+        for _ in range(2):
+            headers = getter.head(url, {"x-amz-checksum-mode": "ENABLED"}, _Transfer())
+            assert headers["Content-Length"] == str(len(DATA))
+            assert headers["x-amz-checksum-crc32"] == "ENABLED"
+        assert _get(getter, url, 0, 10) == DATA[:10]  # the same connection still serves GETs
+        assert len(handler.connections) == 1
+    getter.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(404, FileNotFoundError), (403, RequestRefused), (503, OSError), (418, DownloadError)],
+)
+def test_a_head_answered_with_an_error_raises_what_it_means(status, error) -> None:
+    getter = RangeGetter(timeout=10)
+    with _server(_head_status(status)) as (url, _), pytest.raises(error) as caught:
+        getter.head(url, {}, _Transfer())
+    assert f"HTTP {status}" in str(caught.value) and "Signature" not in str(caught.value)
+    getter.close()
+
+
 # -- S3 over presigned URLs ----------------------------------------------------------------
 
 
@@ -264,6 +306,37 @@ def test_s3_chunks_are_presigned_gets_and_the_variable_turns_them_off(
         assert gets and all(("X-Amz-Signature=" in target) == presigned for target in gets)
         if presigned:  # SigV4 (botocore would presign with SigV2, which new buckets refuse)
             assert all("X-Amz-Algorithm=AWS4-HMAC-SHA256" in target for target in gets)
+
+
+@pytest.mark.s3
+def test_s3_checksum_lookup_is_a_presigned_head_with_its_header_signed(
+    s3_bucket, fault_proxy, tmp_path, monkeypatch
+):
+    import zlib
+
+    data = make_shard(0, 5)
+    s3_bucket.put("shard-000000.tar", data)
+    proxy = fault_proxy(s3_bucket.endpoint_url)
+    options = s3_bucket.options_for(proxy.endpoint_url)
+    (shard,) = list_shards(s3_bucket.url, storage_options=options)
+    fs, path = url_to_fs(shard.url, options)
+    crc = f"crc32:{zlib.crc32(data):08x}"
+    for variable, presigned in ((None, True), ("fsspec", False)):
+        if variable is not None:
+            monkeypatch.setenv(TRANSPORT_VARIABLE, variable)
+        proxy.reset_counters()
+        with Fetcher(ShardCache(tmp_path / str(variable)), storage_options=options) as fetcher:
+            found = fetcher._with_store_checksum(fs, path, shard, TransferCallback(shard.url))
+        assert found.checksum == crc
+        heads = [target for method, target in proxy.requests if method == "HEAD"]
+        assert len(heads) == 1 and ("X-Amz-Signature=" in heads[0]) == presigned
+        if presigned:
+            assert "X-Amz-SignedHeaders=host%3Bx-amz-checksum-mode" in heads[0]
+    s3_bucket.put("shard-000000.tar", make_shard(0, 6))  # replaced after the listing
+    monkeypatch.delenv(TRANSPORT_VARIABLE)
+    with Fetcher(ShardCache(tmp_path / "replaced"), storage_options=options) as fetcher:
+        found = fetcher._with_store_checksum(fs, path, shard, TransferCallback(shard.url))
+    assert found.checksum == shard.checksum  # not the new version's CRC
 
 
 @pytest.mark.s3
@@ -352,3 +425,28 @@ def test_a_refused_presigned_get_is_sent_through_s3fs_from_then_on(
     assert any("refused a presigned GET" in r.getMessage() for r in caplog.records)
     # the second shard was not tried as a presigned GET at all
     assert all("shard-000000" in url for url in refusals)
+
+
+@pytest.mark.s3
+def test_a_refused_presigned_head_is_sent_through_s3fs_and_so_is_all_after(
+    s3_bucket, fault_proxy, tmp_path, monkeypatch, caplog
+):
+    data = make_shard(0, 20, payload=20_000)
+    s3_bucket.put("shard-000000.tar", data)
+    proxy = fault_proxy(s3_bucket.endpoint_url)
+    options = s3_bucket.options_for(proxy.endpoint_url)
+    (shard,) = list_shards(s3_bucket.url, storage_options=options)
+
+    def refuse(self: RangeGetter, url: str, *args: Any) -> Any:
+        raise RequestRefused(f"{url}: HTTP 403 Forbidden (SignatureDoesNotMatch)")
+
+    monkeypatch.setattr(RangeGetter, "head", refuse)
+    with Fetcher(ShardCache(tmp_path / "c"), storage_options=options) as fetcher:
+        with fetcher.fetch(shard) as fetched:
+            assert fetched.file.read() == data
+    assert any("refused a presigned HEAD" in r.getMessage() for r in caplog.records)
+    signed = [
+        t for method, t in proxy.requests if method in ("HEAD", "GET") and "X-Amz-Signature=" in t
+    ]
+    assert not signed  # the HEAD again through s3fs, and the GETs too
+    assert fetcher.metrics.retries == 0

@@ -4,7 +4,8 @@
 connection and reads the body with ``readinto`` into a page-aligned buffer, one slice at a
 time, handing each slice to the caller (which hashes it and writes it to disk). No bytes
 object is made per network read, no event loop or thread hand-off is involved, and the slices
-can go to ``O_DIRECT`` writes as they are. On loopback against SeaweedFS this reads at
+can go to ``O_DIRECT`` writes as they are. :meth:`RangeGetter.head` sends a ``HEAD`` over the
+same connections. On loopback against SeaweedFS this reads at
 ~0.3 CPU-s/GB (0.42-0.5 with hashing and direct writes) where s3fs's ``get_object`` through
 aiohttp needs 0.6-0.8 for the read alone (docs/benchmarks-results.md): on a machine whose cores
 the storage client shares with the training job, that is the throughput.
@@ -35,6 +36,7 @@ import ssl
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from wdsfs._ranged import Cancellable
@@ -152,6 +154,36 @@ class RangeGetter:
             self._give(address, connection)
         return length
 
+    def head(
+        self, url: str, headers: dict[str, str], transfer: Cancellable
+    ) -> http.client.HTTPMessage:
+        """The response headers of a ``HEAD`` of ``url`` (status 200), sent with ``headers``."""
+        parts = urlsplit(url)
+        address = (parts.scheme, parts.hostname or "", parts.port or _default_port(parts.scheme))
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection, reused = self._take(address)
+        try:
+            with self._watch.watching(connection, transfer):
+                try:
+                    response = _send(connection, target, headers, "HEAD")
+                except ConnectionError:
+                    if not reused:
+                        raise
+                    connection.close()  # closed while idle: once more on a new one
+                    response = _send(connection, target, headers, "HEAD")
+                response.read()  # nothing: the answer to a HEAD has no body
+                if response.status != 200:
+                    _raise_for(response.status, f"HTTP {response.status} {response.reason}", url)
+        except BaseException:
+            connection.close()
+            transfer.check()
+            raise
+        if response.will_close:
+            connection.close()
+        else:
+            self._give(address, connection)
+        return response.headers
+
     def close(self) -> None:
         """Close the idle connections."""
         with self._lock:
@@ -204,21 +236,29 @@ class RangeGetter:
             response.read()
             return 0
         said = _server_says(response.read(_ERROR_BODY_BYTES), status, response.reason)
-        if status == 404:
-            raise FileNotFoundError(errno.ENOENT, said, _shown(url))
-        if 300 <= status < 400 or status in (400, 401, 403):
-            raise RequestRefused(f"{_shown(url)}: {said}", url=_shown(url))
-        if status == 429 or status == 503:
-            raise OSError(errno.EBUSY, said, _shown(url))
-        if status >= 500:
-            raise OSError(errno.EREMOTEIO, said, _shown(url))
-        raise DownloadError(f"{_shown(url)}: {said}", url=_shown(url))
+        _raise_for(status, said, url)
+
+
+def _raise_for(status: int, said: str, url: str) -> NoReturn:
+    """Raise what an HTTP error status means (``said``: the status and the server's words)."""
+    if status == 404:
+        raise FileNotFoundError(errno.ENOENT, said, _shown(url))
+    if 300 <= status < 400 or status in (400, 401, 403):
+        raise RequestRefused(f"{_shown(url)}: {said}", url=_shown(url))
+    if status == 429 or status == 503:
+        raise OSError(errno.EBUSY, said, _shown(url))
+    if status >= 500:
+        raise OSError(errno.EREMOTEIO, said, _shown(url))
+    raise DownloadError(f"{_shown(url)}: {said}", url=_shown(url))
 
 
 def _send(
-    connection: http.client.HTTPConnection, target: str, headers: dict[str, str]
+    connection: http.client.HTTPConnection,
+    target: str,
+    headers: dict[str, str],
+    method: str = "GET",
 ) -> http.client.HTTPResponse:
-    connection.request("GET", target, headers=headers)
+    connection.request(method, target, headers=headers)
     return connection.getresponse()
 
 

@@ -3,15 +3,16 @@
 s3fs's ``get_object`` streams a body through aiobotocore and aiohttp at ~0.7 CPU-s/GB. The same
 request as a presigned URL (signed by the filesystem's own botocore client: its credentials,
 region, endpoint and addressing style, the version when the path has one) read by
-:class:`~wdsfs._http_get.RangeGetter` costs ~0.3. HEADs, listings and everything else still go
-through s3fs.
+:class:`~wdsfs._http_get.RangeGetter` costs ~0.3. The ``HeadObject`` that asks for a shard's
+stored CRC (``x-amz-checksum-mode``, a signed header) is presigned too: ~0.2 ms of CPU instead
+of ~2 ms, per shard. Listings and everything else still go through s3fs.
 
 Used only where the presigned request is exactly what s3fs would send: not with
 ``requester_pays``, ``s3_additional_kwargs`` (SSE-C keys, ...), proxies (botocore ``Config`` or
 ``HTTP(S)_PROXY``), client certificates or client options other than the endpoint, region,
 TLS verification and keys. ``WDSFS_S3_TRANSPORT=fsspec`` in the environment turns it off. A
-presigned GET the storage refuses (a bucket in another region, a server without presigned
-URLs) is sent again through s3fs, and so is every later one of that filesystem.
+presigned GET or HEAD the storage refuses (a bucket in another region, a server without
+presigned URLs) is sent again through s3fs, and so is every later one of that filesystem.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ __all__ = ["TRANSPORT_VARIABLE", "S3Gets", "refused", "s3_gets"]
 
 TRANSPORT_VARIABLE = "WDSFS_S3_TRANSPORT"
 _EXPIRES_SECONDS = 3600
+_HEAD_FIELDS = {  # botocore's name of a HeadObject field -> its response header
+    "ETag": "ETag",
+    "VersionId": "x-amz-version-id",
+    "ChecksumCRC32C": "x-amz-checksum-crc32c",
+    "ChecksumCRC32": "x-amz-checksum-crc32",
+    "ChecksumType": "x-amz-checksum-type",
+}
 _CLIENT_KWARGS = frozenset(
     {
         "endpoint_url",
@@ -83,6 +91,31 @@ class S3Gets:
         self.ready.result()  # raises what making the client raised
         url: str = call(self.signer, "url", path, _EXPIRES_SECONDS, transfer=transfer)
         return url
+
+    def head(self, path: str, transfer: Cancellable) -> dict[str, Any]:
+        """``HeadObject`` of ``path`` with ``ChecksumMode=ENABLED``, as a presigned ``HEAD``.
+
+        Returns the fields botocore's ``head_object`` would (those of the object's size,
+        version and checksums): a tenth of its CPU (~0.2 ms instead of ~2 ms).
+        """
+        self.ready.result()
+        url: str = call(
+            self.signer,
+            "url",
+            path,
+            _EXPIRES_SECONDS,
+            client_method="head_object",
+            ChecksumMode="ENABLED",
+            transfer=transfer,
+        )
+        # the header is signed (X-Amz-SignedHeaders=host;x-amz-checksum-mode): it must be sent
+        headers = self.getter.head(url, {"x-amz-checksum-mode": "ENABLED"}, transfer)
+        fields = {name: headers.get(header) for name, header in _HEAD_FIELDS.items()}
+        length = headers.get("Content-Length")
+        return {
+            "ContentLength": int(length) if length is not None and length.isdigit() else None,
+            **{name: value for name, value in fields.items() if value is not None},
+        }
 
 
 def s3_gets(fs: AbstractFileSystem, max_idle: int) -> S3Gets | None:

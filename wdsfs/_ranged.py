@@ -72,16 +72,18 @@ def stream_range(
     return count
 
 
-def call(fs: AbstractFileSystem, method: str, *args: Any, transfer: Cancellable) -> Any:
-    """``fs.<method>(*args)`` (``info``, ...), cancellable as a transfer on async filesystems.
+def call(
+    fs: AbstractFileSystem, method: str, *args: Any, transfer: Cancellable, **kwargs: Any
+) -> Any:
+    """``fs.<method>(*args, **kwargs)`` (``info``, ...), cancellable on async filesystems.
 
     fsspec's blocking wrapper waits for the request however long the server takes; this runs
     the coroutine ``fs._<method>`` on fsspec's loop and cancels it when ``transfer`` says so.
     """
     loop = _loop_of(fs)
     if loop is None:
-        return getattr(fs, method)(*args)
-    return run_cancellable(loop, getattr(fs, "_" + method)(*args), transfer)
+        return getattr(fs, method)(*args, **kwargs)
+    return run_cancellable(loop, getattr(fs, "_" + method)(*args, **kwargs), transfer)
 
 
 def run_cancellable(

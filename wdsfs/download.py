@@ -51,7 +51,7 @@ from wdsfs.checksum import Checksum, ChunkDigest, ObjectDigest, best
 from wdsfs.errors import CacheError, DownloadCancelled, DownloadError, IntegrityError, WdsfsError
 from wdsfs.metrics import FetchMetrics
 from wdsfs.shard import Shard
-from wdsfs.source import s3_store_checksum, shard_from_info
+from wdsfs.source import checksum_of_head, s3_store_checksum, shard_from_info
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "FetchedShard", "Fetcher", "TransferCallback"]
 
@@ -374,14 +374,18 @@ class Fetcher:
         """
         if not self.verify or (shard.version or "").startswith("md5:"):
             return shard
-        found = self._lookup(
-            lambda: s3_store_checksum(
-                fs, path, shard, run=lambda request: run_cancellable(fs.loop, request, callback)
-            ),
-            shard.url,
-            "looking up",
-            callback,
-        )
+        head = self._presigned_head(fs, path, shard.url, callback)
+        if head is not None:
+            found = checksum_of_head(head, shard)
+        else:
+            found = self._lookup(
+                lambda: s3_store_checksum(
+                    fs, path, shard, run=lambda request: run_cancellable(fs.loop, request, callback)
+                ),
+                shard.url,
+                "looking up",
+                callback,
+            )
         chosen = best([Checksum.parse(shard.checksum), found])
         if chosen is None or str(chosen) == shard.checksum:
             return shard
@@ -527,15 +531,29 @@ class Fetcher:
         )
         return _Remote(fs, path, url, gets.getter, get_url)
 
+    def _presigned_head(
+        self, fs: AbstractFileSystem, path: str, url: str, callback: TransferCallback
+    ) -> dict[str, Any] | None:
+        """A presigned ``HeadObject``'s answer, or None where presigned requests do not apply
+        (or the storage refused this one: s3fs sends it, and every later one, instead)."""
+        gets = s3_gets(fs, max_idle=self.max_workers)
+        if gets is None:
+            return None
+
+        def head() -> dict[str, Any] | None:
+            try:
+                return gets.head(path, callback)
+            except RequestRefused as exc:
+                _refuse_presigned(fs, url, "HEAD", exc)
+                return None
+
+        answer: dict[str, Any] | None = self._lookup(head, url, "looking up", callback)
+        return answer
+
     @staticmethod
     def _without_presign(remote: _Remote, exc: RequestRefused) -> _Remote:
         """Send through s3fs what the storage refused as a presigned GET (from now on)."""
-        refused(remote.fs)
-        logger.warning(
-            "%s: the storage refused a presigned GET (%s); reading through s3fs instead",
-            remote.shard_url,
-            exc,
-        )
+        _refuse_presigned(remote.fs, remote.shard_url, "GET", exc)
         return _Remote(remote.fs, remote.path, remote.shard_url)
 
     @contextlib.contextmanager
@@ -917,6 +935,16 @@ class _AnyEvent:
                 return True
             waited += deadline_step
         return self.is_set()
+
+
+def _refuse_presigned(fs: AbstractFileSystem, url: str, request: str, exc: Exception) -> None:
+    refused(fs)
+    logger.warning(
+        "%s: the storage refused a presigned %s (%s); sending it through s3fs instead",
+        url,
+        request,
+        exc,
+    )
 
 
 def _remove(path: str) -> None:

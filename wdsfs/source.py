@@ -310,6 +310,12 @@ def s3_store_checksum(
         **({"VersionId": version_id} if version_id else {}),
     )
     head = run(request) if run is not None else fsspec.asyn.sync(fs.loop, lambda: request)
+    return checksum_of_head(head, shard)
+
+
+def checksum_of_head(head: Mapping[str, Any], shard: Shard) -> Checksum | None:
+    """The whole-object CRC32C or CRC32 in a ``HeadObject`` answer (botocore's field names),
+    if the answer is of the shard's listed version."""
     identities = {head.get("VersionId"), str(head.get("ETag", "")).strip('"')}
     if shard.version not in {f"{head.get('ContentLength')}-{i}" for i in identities if i}:
         return None
