@@ -134,7 +134,10 @@ class _RingPickler(ForkingPickler):
                 return None
             view = memoryview(obj)
         elif kind is pickle.PickleBuffer:
-            view = obj.raw()
+            try:
+                view = obj.raw()
+            except BufferError:  # not contiguous: pickled inline
+                return None
             if view.nbytes < MIN_BYTES:
                 return None
         else:
@@ -174,7 +177,7 @@ class BatchRings:
 
     def close(self) -> None:
         """Stop looking up batches of these rings and close them (the workers are gone)."""
-        if _OPEN.pop(self.token, None) is not None and self.rings is not None:
+        if _OPEN.pop(self.token, None) is not None:
             for ring in self.rings:
                 ring.close()
 
