@@ -13,7 +13,7 @@ from wdsfs._fs import url_to_fs
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method")
 
-SESSIONS = 10
+SESSIONS = 30
 
 
 def _child(storage_options, queue):
@@ -48,8 +48,8 @@ def test_a_forked_child_neither_waits_on_nor_closes_the_parents_sessions(moto_se
 
     assert child.exitcode == 0 and data == b"payload"
     # s3fs's finalizers would wait at least 0.1 s each on the parent's loop (~1 s measured),
-    # which does not run in the child
-    assert dropped < SESSIONS * 0.1
+    # which does not run in the child; collecting the inherited heap takes ~0.3 s in the suite
+    assert dropped < SESSIONS * 0.1 * 2 / 3
     assert "Unclosed" not in capfd.readouterr().err
     # the parent's connections still work: the child unregistered none of their sockets
     for fs in _parent_filesystems(moto_server):
