@@ -361,13 +361,13 @@ def test_spawned_workers_send_their_batches_inline(tmp_path: Path) -> None:
     assert not through_rings and got == expected
 
 
-def _first_shards_of_each_worker(dataset, num_workers, depth=1):
+def _first_shard_of_each_worker(dataset, num_workers):
     from wdsfs.plan import ReaderId
 
     shards = dataset.shards()
-    items = [dataset.epoch_work(ReaderId(0, 1, w, num_workers)).items for w in range(num_workers)]
     return [
-        shards[mine[step].shard].url for step in range(depth) for mine in items if step < len(mine)
+        shards[dataset.epoch_work(ReaderId(0, 1, worker, num_workers)).items[0].shard].url
+        for worker in range(num_workers)
     ]
 
 
@@ -393,18 +393,16 @@ def test_main_process_fetches_each_new_workers_first_shard(s3_bucket, tmp_path, 
         seed=3,
     )
     loader = StreamingDataLoader(dataset, batch_size=2, num_workers=2, collate_fn=keys_collate)
-    firsts = _first_shards_of_each_worker(dataset, 2)
-    wanted_first = _first_shards_of_each_worker(dataset, 2, depth=dataset.prefetch + 1)
+    firsts = _first_shard_of_each_worker(dataset, 2)
 
     assert [s.url for s in dataset.first_shards(2)] == firsts
-    assert [s.url for s in dataset.first_shards(2, depth=dataset.prefetch + 1)] == wanted_first
     with caplog.at_level(logging.DEBUG, logger="wdsfs.download"):
         keys = flat(run_epoch(loader))
 
     assert sorted(keys) == sorted(sample_key(s, i) for s in range(6) for i in range(4))
-    # this process fetched exactly the shards each worker wants first (its first and its
-    # read-ahead's): downloaded, or found in the cache if a worker was first to take the lock
-    assert _fetched_here(caplog.records) == set(wanted_first)
+    # this process fetched exactly the workers' first shards: downloaded, or found in the
+    # cache if a worker was first to take the shard's lock
+    assert _fetched_here(caplog.records) == set(firsts)
 
 
 def test_no_head_start_for_a_resumed_epoch(tmp_path):
@@ -437,10 +435,7 @@ def test_no_head_start_for_persistent_workers_already_running(s3_bucket, tmp_pat
             assert len(flat(run_epoch(loader))) == 12
         fetched.append(_fetched_here(caplog.records))
 
-    assert fetched == [
-        set(_first_shards_of_each_worker(dataset, 2, depth=dataset.prefetch + 1)),
-        set(),
-    ]
+    assert fetched == [set(_first_shard_of_each_worker(dataset, 2)), set()]
 
 
 @pytest.mark.parametrize(

@@ -1,15 +1,15 @@
-"""The main process downloads each DataLoader worker's first shards while the workers start.
+"""The main process downloads each DataLoader worker's first shard while the workers start.
 
 Starting a worker (fork, torch's worker loop, a storage client of its own) takes tens of
 milliseconds, hundreds with ``spawn``; the main process already has a connected client, so it
-fetches the shards every worker reads first (its first, and those its read-ahead wants next)
-into the shared cache meanwhile. It claims their cache locks before the workers fork
-(:meth:`HeadStart.claim`): a worker asking for one of them waits on that lock and is then
-served from the cache, instead of downloading it with a storage client that is still cold
-(~0.1-0.2 s of CPU for its first requests with s3fs, taken from its reader's first shard).
-Each claim is released as soon as its shard is fetched, or when the head start stops: a worker
-then downloads the shard itself, under the same lock. So nothing is downloaded twice, and a
-worker's own download, retries and errors behave as without a head start.
+fetches the shard every worker reads first into the shared cache meanwhile. It claims those
+shards' cache locks before the workers fork (:meth:`HeadStart.claim`): a worker asking for its
+first shard waits on that lock and is then served from the cache, instead of downloading it
+with a storage client that is still cold. Each claim is released as soon as its shard is
+fetched, or when the head start stops: a worker then downloads the shard itself, under the
+same lock. So nothing is downloaded twice, and a worker's own download, retries and errors
+behave as without a head start. The rest of a worker's read-ahead it fetches itself, in
+parallel with the other workers (over many more connections than the main process's).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class HeadStart:
-    """Fetch ``shards`` (the workers' first, in the order they are wanted) on one thread.
+    """Fetch ``shards`` (the workers' first, in worker order) on one background thread.
 
     Call :meth:`claim` before forking the workers, then use it as a context manager: leaving it
     cancels what is still downloading, joins the thread and releases the claims left.

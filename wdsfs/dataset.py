@@ -304,25 +304,17 @@ class StreamingWebDataset(IterableDataset[Sample]):
             verify=self.verify,
         )
 
-    def first_shards(self, num_workers: int, depth: int = 1) -> list[Shard]:
-        """The shards each of this rank's DataLoader workers reads first in the current epoch.
+    def first_shards(self, num_workers: int) -> list[Shard]:
+        """The shard each of this rank's DataLoader workers reads first in the current epoch.
 
-        Up to ``depth`` per worker, in the order they are wanted: every worker's first, then
-        every worker's second, and so on (a shard two workers share, once). Empty when the
-        epoch resumes from a loaded state (its readers start elsewhere).
+        Empty when the epoch resumes from a loaded state (its readers start elsewhere).
         """
         if self._resume is not None and self._resume.epoch == self.epoch:
             return []
         rank, world_size = self.rank_and_world_size()
         readers = [ReaderId(rank, world_size, w, num_workers) for w in range(max(num_workers, 1))]
         shards, items = self.shards(), self._epoch_items(readers[0].count)
-        wanted: dict[int, None] = {}
-        for step in range(depth):
-            for reader in readers:
-                mine = items[reader.index]
-                if step < len(mine):
-                    wanted.setdefault(mine[step].shard)
-        return [shards[index] for index in wanted]
+        return [shards[items[r.index][0].shard] for r in readers if items[r.index]]
 
     def _iterate(self, work: ReaderWork) -> Iterator[Sample]:
         shards = self.shards()

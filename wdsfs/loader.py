@@ -277,11 +277,7 @@ class StreamingDataLoader(DataLoader[Any]):
         """Fetch the workers' first shards here while new workers start (none otherwise)."""
         if not starting:
             return contextlib.nullcontext()
-        # each worker's first shard and those its read-ahead wants next: a worker's own
-        # first requests (a cold storage client, ~0.1-0.2 s of CPU) would slow its reader's
-        # first shard down
-        shards = dataset.first_shards(self.num_workers, depth=dataset.prefetch + 1)
-        head_start = HeadStart(dataset.fetcher(), shards)
+        head_start = HeadStart(dataset.fetcher(), dataset.first_shards(self.num_workers))
         head_start.claim()  # before the workers fork: they wait for these shards
         return head_start
 
