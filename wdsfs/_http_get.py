@@ -119,20 +119,21 @@ class RangeGetter:
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         headers = {"Range": f"bytes={start}-{end - 1}"}
         connection, reused = self._take(address)
+        response: http.client.HTTPResponse | None = None
         try:
             with self._watch.watching(connection, transfer):
                 try:
-                    response = _send(connection, target, headers)
+                    response = _send(connection, target, headers, self._watch)
                 except ConnectionError:
                     if not reused:
                         raise
                     # the server closed the idle connection: once more on a new one, as
                     # urllib3 does (not a transient error of the storage)
                     connection.close()
-                    response = _send(connection, target, headers)
+                    response = _send(connection, target, headers, self._watch)
                 length = self._check(response, url, start)
                 if length != end - start:
-                    connection.close()
+                    _drop(connection, response)
                     return length
                 received = 0
                 while received < length:
@@ -145,7 +146,7 @@ class RangeGetter:
                     consume(buffer[:take])
                     received += take
         except BaseException:
-            connection.close()
+            _drop(connection, response)
             transfer.check()  # a read the watch cut short is a cancellation, not a failure
             raise
         if response.will_close:
@@ -162,20 +163,21 @@ class RangeGetter:
         address = (parts.scheme, parts.hostname or "", parts.port or _default_port(parts.scheme))
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         connection, reused = self._take(address)
+        response: http.client.HTTPResponse | None = None
         try:
             with self._watch.watching(connection, transfer):
                 try:
-                    response = _send(connection, target, headers, "HEAD")
+                    response = _send(connection, target, headers, self._watch, "HEAD")
                 except ConnectionError:
                     if not reused:
                         raise
                     connection.close()  # closed while idle: once more on a new one
-                    response = _send(connection, target, headers, "HEAD")
+                    response = _send(connection, target, headers, self._watch, "HEAD")
                 response.read()  # nothing: the answer to a HEAD has no body
                 if response.status != 200:
                     _raise_for(response.status, f"HTTP {response.status} {response.reason}", url)
         except BaseException:
-            connection.close()
+            _drop(connection, response)
             transfer.check()
             raise
         if response.will_close:
@@ -256,10 +258,26 @@ def _send(
     connection: http.client.HTTPConnection,
     target: str,
     headers: dict[str, str],
+    watch: _Watch,
     method: str = "GET",
 ) -> http.client.HTTPResponse:
     connection.request(method, target, headers=headers)
+    watch.sent(connection)
     return connection.getresponse()
+
+
+def _drop(
+    connection: http.client.HTTPConnection, response: http.client.HTTPResponse | None
+) -> None:
+    """Close a connection not to be reused, and the response that may own its socket.
+
+    With ``Connection: close`` (an HTTP/1.0 server, or an error answer) http.client hands the
+    socket to the response; closing only the connection would then leave it open until the
+    garbage collector finds it.
+    """
+    if response is not None:
+        response.close()
+    connection.close()
 
 
 def _default_port(scheme: str) -> int:
@@ -291,6 +309,7 @@ class _Watch:
 
     def __init__(self) -> None:
         self._active: dict[int, tuple[http.client.HTTPConnection, Cancellable]] = {}
+        self._sockets: dict[int, socket.socket | None] = {}  # the socket each request went on
         self._changed = threading.Condition()
         self._thread: tuple[threading.Thread, threading.Event] | None = None
 
@@ -313,6 +332,7 @@ class _Watch:
             ending = None
             with self._changed:
                 del self._active[id(connection)]
+                self._sockets.pop(id(connection), None)
                 if not self._active and self._thread is not None:
                     ending, self._thread = self._thread, None
                     ending[1].set()
@@ -320,11 +340,17 @@ class _Watch:
             if ending is not None:
                 ending[0].join()
 
+    def sent(self, connection: http.client.HTTPConnection) -> None:
+        """Remember the socket ``connection``'s request went on (a response may take it)."""
+        self._sockets[id(connection)] = connection.sock
+
     def _run(self, done: threading.Event) -> None:
         with self._changed:
             while not done.is_set():
-                for connection, transfer in self._active.values():
-                    sock = connection.sock
+                for key, (connection, transfer) in self._active.items():
+                    # with "Connection: close" http.client hands the socket to the response
+                    # and forgets it: the one the request was sent on is the one to shut
+                    sock = connection.sock or self._sockets.get(key)
                     if sock is not None and transfer.cancelled():
                         with contextlib.suppress(OSError):  # already closed
                             sock.shutdown(socket.SHUT_RDWR)
