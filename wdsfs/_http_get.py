@@ -114,51 +114,43 @@ class RangeGetter:
         one. Returns the body length the server announced; when that is not ``end - start``
         nothing is consumed (the caller retries or reports the object changed).
         """
-        parts = urlsplit(url)
-        address = (parts.scheme, parts.hostname or "", parts.port or _default_port(parts.scheme))
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
         headers = {"Range": f"bytes={start}-{end - 1}"}
-        connection, reused = self._take(address)
-        response: http.client.HTTPResponse | None = None
-        try:
-            with self._watch.watching(connection, transfer):
-                try:
-                    response = _send(connection, target, headers, self._watch)
-                except ConnectionError:
-                    if not reused:
-                        raise
-                    # the server closed the idle connection: once more on a new one, as
-                    # urllib3 does (not a transient error of the storage)
-                    connection.close()
-                    response = _send(connection, target, headers, self._watch)
-                length = self._check(response, url, start)
-                if length != end - start:
-                    _drop(connection, response)
-                    return length
-                received = 0
-                while received < length:
-                    transfer.check()
-                    take = min(len(buffer), length - received)
-                    got = response.readinto(buffer[:take])
-                    transfer.check()  # a shutdown by the watch ends the read early
-                    if got != take:
-                        raise http.client.IncompleteRead(b"", length - received - got)
-                    consume(buffer[:take])
-                    received += take
-        except BaseException:
-            _drop(connection, response)
-            transfer.check()  # a read the watch cut short is a cancellation, not a failure
-            raise
-        if response.will_close:
-            connection.close()
-        else:
-            self._give(address, connection)
+        with self._exchange(url, "GET", headers, transfer) as response:
+            length = self._check(response, url, start)
+            if length != end - start:
+                return length
+            received = 0
+            while received < length:
+                transfer.check()
+                take = min(len(buffer), length - received)
+                got = response.readinto(buffer[:take])
+                transfer.check()  # a shutdown by the watch ends the read early
+                if got != take:
+                    raise http.client.IncompleteRead(b"", length - received - got)
+                consume(buffer[:take])
+                received += take
         return length
 
     def head(
         self, url: str, headers: dict[str, str], transfer: Cancellable
     ) -> http.client.HTTPMessage:
         """The response headers of a ``HEAD`` of ``url`` (status 200), sent with ``headers``."""
+        with self._exchange(url, "HEAD", headers, transfer) as response:
+            response.read()  # nothing: the answer to a HEAD has no body
+            if response.status != 200:
+                _raise_for(response.status, f"HTTP {response.status} {response.reason}", url)
+        return response.headers
+
+    @contextlib.contextmanager
+    def _exchange(
+        self, url: str, method: str, headers: dict[str, str], transfer: Cancellable
+    ) -> Iterator[http.client.HTTPResponse]:
+        """Send one request on a pooled connection and yield the response, watched for
+        cancellation.
+
+        The connection goes back to the pool only if the response was read to its end; after
+        an error, or a body left unread, it is closed.
+        """
         parts = urlsplit(url)
         address = (parts.scheme, parts.hostname or "", parts.port or _default_port(parts.scheme))
         target = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -167,24 +159,23 @@ class RangeGetter:
         try:
             with self._watch.watching(connection, transfer):
                 try:
-                    response = _send(connection, target, headers, self._watch, "HEAD")
+                    response = _send(connection, target, headers, self._watch, method)
                 except ConnectionError:
                     if not reused:
                         raise
-                    connection.close()  # closed while idle: once more on a new one
-                    response = _send(connection, target, headers, self._watch, "HEAD")
-                response.read()  # nothing: the answer to a HEAD has no body
-                if response.status != 200:
-                    _raise_for(response.status, f"HTTP {response.status} {response.reason}", url)
+                    # the server closed the idle connection: once more on a new one, as
+                    # urllib3 does (not a transient error of the storage)
+                    connection.close()
+                    response = _send(connection, target, headers, self._watch, method)
+                yield response
         except BaseException:
             _drop(connection, response)
-            transfer.check()
+            transfer.check()  # a read the watch cut short is a cancellation, not a failure
             raise
-        if response.will_close:
-            connection.close()
-        else:
+        if response.isclosed() and not response.will_close:
             self._give(address, connection)
-        return response.headers
+        else:
+            _drop(connection, response)
 
     def close(self) -> None:
         """Close the idle connections."""
@@ -259,7 +250,7 @@ def _send(
     target: str,
     headers: dict[str, str],
     watch: _Watch,
-    method: str = "GET",
+    method: str,
 ) -> http.client.HTTPResponse:
     connection.request(method, target, headers=headers)
     watch.sent(connection)
