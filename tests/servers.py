@@ -57,6 +57,9 @@ STOP_TIMEOUT = 10.0
 START_ATTEMPTS = 3
 """Start-up attempts on fresh ports when a server process exits while starting."""
 
+SEAWEEDFS_SPARE_BYTES = 2 * 1024**3
+"""Free disk SeaweedFS needs beyond the 1% it keeps (the benchmarks upload ~1.2 GB)."""
+
 TEST_KEY = "testing"
 TEST_SECRET = "testing"
 TEST_REGION = "us-east-1"
@@ -410,6 +413,18 @@ class SeaweedFSServer(S3Server):
     """
 
     name = "seaweedfs"
+
+    def _prepare(self) -> None:
+        # Its volume server keeps 1% of the disk free: below that it takes no more writes,
+        # and a PUT then waits for a writable volume that never comes (a hang, not an error).
+        usage = shutil.disk_usage(self.workdir)
+        needed = usage.total // 100 + SEAWEEDFS_SPARE_BYTES
+        if usage.free < needed:
+            raise ServerStartError(
+                f"seaweedfs: only {usage.free / 1e9:.1f} GB free on the disk of {self.workdir} "
+                f"(of {usage.total / 1e9:.0f} GB); SeaweedFS takes no writes below 1% free, and "
+                f"these tests need {needed / 1e9:.1f} GB: free some space"
+            )
 
     def _command(self) -> list[str]:
         self.port = free_port()

@@ -23,6 +23,7 @@ from tests.servers import (
     LocalHTTPServer,
     MotoS3Server,
     SeaweedFSServer,
+    ServerStartError,
     http_status,
 )
 
@@ -72,6 +73,22 @@ def test_seaweedfs_answers_s3fs_and_checks_signatures(seaweedfs_server: SeaweedF
     wrong = fsspec.filesystem("s3", skip_instance_cache=True, **options)
     with pytest.raises(PermissionError):
         wrong.ls("roundtrip")
+
+
+def test_seaweedfs_refuses_to_start_on_a_nearly_full_disk(monkeypatch: Any) -> None:
+    import shutil
+
+    real = shutil.disk_usage
+
+    def nearly_full(path: Any) -> Any:
+        usage = real(path)
+        return type(usage)(usage.total, usage.total - usage.total // 200, usage.total // 200)
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    server = SeaweedFSServer()
+    with pytest.raises(ServerStartError, match=r"GB free on the disk of .*free some space"):
+        server.start()
+    assert server.pid is None  # nothing was started
 
 
 def test_fake_gcs_answers_gcsfs(gcs_server: FakeGCSServer) -> None:
