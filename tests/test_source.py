@@ -204,3 +204,29 @@ def test_bad_storage_options_and_profiles_are_configuration_errors(moto_server):
             storage_options={"client_kwargs": moto_server.storage_options["client_kwargs"]},
             profile="no-such-profile",
         )
+
+
+def test_listing_without_an_index_leaves_no_frame_alive(remote):
+    """A missing index.wds is an exception fsspec's sync() keeps in a reference cycle with its
+    frames; the frames of the listing (and every caller's: a dataset iterator's locals) must not
+    outlive it until the garbage collector runs."""
+    import gc
+    import types
+
+    import wdsfs.source
+
+    write_dataset(remote.put, [2, 3])
+    source = Source(remote.url, storage_options=remote.storage_options)
+    gc.collect()
+    gc.disable()
+    try:
+        assert len(source.shards()) == 2
+        alive = [
+            frame
+            for frame in gc.get_objects()
+            if isinstance(frame, types.FrameType)
+            and frame.f_code.co_filename == wdsfs.source.__file__
+        ]
+    finally:
+        gc.enable()
+    assert alive == []

@@ -174,7 +174,11 @@ class Source:
         index_url = f"{prefix}/{INDEX_NAME}"
         try:
             data = fs.cat_file(f"{path.rstrip('/')}/{INDEX_NAME}")
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            # fsspec's sync() keeps the exception in a cycle with its frame, and so with every
+            # caller's frame and what they hold (a dataset's iterator, and with it its threads)
+            # until the garbage collector runs: cut it here
+            exc.__traceback__ = None
             return None
         except Exception as exc:  # translated, never swallowed
             raise translate_error(exc, prefix, f"looking for {INDEX_NAME}") from exc
