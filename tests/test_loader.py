@@ -118,6 +118,67 @@ def test_elastic_num_workers_is_exactly_once(
     assert sorted(before + after) == sorted(expected)
 
 
+def key_of(sample):
+    """A collate_fn for ``batch_size=None``: the sample's key."""
+    return sample["__key__"]
+
+
+def make_sample_loader(root, cache, *, num_workers, pack_size, shuffle=True, buffer_size=5):
+    ds = StreamingWebDataset(
+        str(root), shuffle=shuffle, seed=7, buffer_size=buffer_size, cache_dir=str(cache)
+    )
+    return StreamingDataLoader(
+        ds, batch_size=None, num_workers=num_workers, pack_size=pack_size, collate_fn=key_of
+    )
+
+
+def test_workers_send_unbatched_samples_in_packs(tmp_path):
+    root = tmp_path / "ds"
+    write(root, [6, 6])
+    loader = make_sample_loader(root, tmp_path / "c", num_workers=2, pack_size=3, shuffle=False)
+    assert loader.pack_size == 3 and loader.batch_size is None
+    # each worker's samples come in runs of 3: reader 0 reads shard 0, reader 1 shard 1
+    runs = [(0, range(3)), (1, range(3)), (0, range(3, 6)), (1, range(3, 6))]
+    assert list(loader) == [sample_key(shard, i) for shard, indices in runs for i in indices]
+    one_by_one = make_sample_loader(root, tmp_path / "c", num_workers=2, pack_size=1, shuffle=False)
+    assert list(one_by_one) == [sample_key(i % 2, i // 2) for i in range(12)]  # as torch's
+    batched = make_loader(root, tmp_path / "c", num_workers=2, batch_size=2)
+    assert batched.pack_size == 1  # batches travel as they are
+    with pytest.raises(ValueError, match="pack_size"):
+        make_sample_loader(root, tmp_path / "c", num_workers=2, pack_size=0)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    counts=st.lists(st.integers(0, 9), min_size=1, max_size=5),
+    pack_size=st.integers(1, 4),
+    workers=st.tuples(st.sampled_from([1, 2, 3]), st.sampled_from([0, 1, 2])),
+    shuffle=st.booleans(),
+    data=st.data(),
+)
+def test_a_state_taken_inside_a_pack_resumes_exactly(
+    tmp_path_factory, counts, pack_size, workers, shuffle, data
+):
+    root = tmp_path_factory.mktemp("ds")
+    expected = write(root, counts)
+    cache = root / "cache"
+    config = {"num_workers": workers[0], "pack_size": pack_size, "shuffle": shuffle}
+    full = list(make_sample_loader(root, cache, **config))
+    assert sorted(full) == sorted(expected)
+    checkpoint = data.draw(st.integers(0, len(full)))
+    loader = make_sample_loader(root, cache, **config)
+    before = run_epoch(loader, stop_after=checkpoint)
+    state = json.loads(json.dumps(loader.state_dict()))
+
+    same = make_sample_loader(root, cache, **config)
+    same.load_state_dict(state)
+    assert before + list(same) == full  # same order, mid-pack or not
+
+    elastic = make_sample_loader(root, cache, **{**config, "num_workers": workers[1]})
+    elastic.load_state_dict(state)
+    assert sorted(before + list(elastic)) == sorted(expected)
+
+
 def _per_rank(monkeypatch, root, world_size, fn):
     out = []
     for rank in range(world_size):

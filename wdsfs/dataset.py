@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from multiprocessing.context import get_spawning_popen
 from typing import Any, Literal
 
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from wdsfs._dist import rank_and_world_size, worker_and_count
 from wdsfs._fs import parse_size
+from wdsfs._packs import packed
 from wdsfs.cache import DEFAULT_CACHE_LIMIT, ShardCache
 from wdsfs.decode import Decoder
 from wdsfs.download import DEFAULT_CHUNK_SIZE, FetchedShard, Fetcher
@@ -153,6 +154,9 @@ class StreamingWebDataset(IterableDataset[Sample]):
         self.batch_size_hint = 1
         """Batch size of the loader (set by StreamingDataLoader): equalized quotas are whole
         batches, so every rank gets the same number of batches, not only of samples."""
+        self.pack_size_hint = 1
+        """Samples a DataLoader worker yields at once, as one :class:`~wdsfs._packs.Pack`
+        (set by StreamingDataLoader for ``batch_size=None``; 1: one by one)."""
         # In shared memory, so DataLoader workers (persistent ones too) see set_epoch; a plain
         # int after ordinary pickling (see __getstate__).
         self._epoch: Any = multiprocessing.get_context().Value("q", 0, lock=False)
@@ -291,7 +295,15 @@ class StreamingWebDataset(IterableDataset[Sample]):
         )
 
     def __iter__(self) -> Iterator[Sample]:
+        if self.pack_size_hint > 1 and get_worker_info() is not None:
+            return packed(  # type: ignore[return-value]
+                self._iterate(self.plan(self.reader())), self._stream_state, self.pack_size_hint
+            )
         return self._iterate(self.plan(self.reader()))
+
+    def _stream_state(self) -> ReaderState:
+        assert self._active is not None
+        return self._active.state()
 
     def fetcher(self) -> Fetcher:
         """A fetcher into the dataset's cache, with its download settings."""

@@ -32,6 +32,7 @@ from torch.utils.data._utils.pin_memory import pin_memory
 
 from wdsfs import _shared_rings as shared_rings
 from wdsfs._head_start import HeadStart
+from wdsfs._packs import Pack
 from wdsfs._shared_rings import BatchRings
 from wdsfs.dataset import ReaderWork, StreamingWebDataset, _Resume
 from wdsfs.errors import StateMismatchError
@@ -55,9 +56,13 @@ _VERSION = 1
 
 
 class _Tracked:
-    """A user batch travelling with the state of the reader that produced it."""
+    """A user batch travelling with the state of the reader that produced it.
 
-    __slots__ = ("batch", "items", "reader", "rings", "samples", "state", "worker")
+    Or a pack (``batch_size=None`` with workers): ``batch`` is then the list of the pack's
+    samples, and ``states`` the reader's state after each of them.
+    """
+
+    __slots__ = ("batch", "items", "reader", "rings", "samples", "state", "states", "worker")
 
     def __init__(
         self,
@@ -66,6 +71,7 @@ class _Tracked:
         state: ReaderState,
         items: list[list[int | None]] | None,
         samples: int,
+        states: list[ReaderState] | None = None,
         rings: BatchRings | None = None,
         worker: int = 0,
     ) -> None:
@@ -74,18 +80,19 @@ class _Tracked:
         self.state = state
         self.items = items
         self.samples = samples
+        self.states = states
         self.rings = rings  # in a worker: the rings its batch travels through
         self.worker = worker
 
     def __reduce__(self) -> Any:
-        rest = (self.reader, self.state, self.items, self.samples)
+        rest = (self.reader, self.state, self.items, self.samples, self.states)
         if self.rings is None:
             return _Tracked, (self.batch, *rest)
         return self.rings.reduce(self.worker, _Tracked, self.batch, *rest)
 
     def pin_memory(self) -> _Tracked:
         pinned = pin_memory(self.batch)  # type: ignore[no-untyped-call]
-        return _Tracked(pinned, self.reader, self.state, self.items, self.samples)
+        return _Tracked(pinned, self.reader, self.state, self.items, self.samples, self.states)
 
 
 _PLAIN_TYPES = frozenset({bytes, str, int, float, bool, type(None)})
@@ -122,11 +129,17 @@ class _TrackingCollate:
         work, state = current
         # items that plan_epoch cannot recompute (after an elastic resume) travel with the state
         items = None if work.planned else [item.to_json() for item in work.items]
-        count = len(samples) if isinstance(samples, list) else 1
-        batch = self.collate_fn(samples)
-        if info is None:
-            return _Tracked(batch, work.reader.index, state, items, count)
-        return _Tracked(batch, work.reader.index, state, items, count, self.rings, info.id)
+        states = None
+        if isinstance(samples, Pack):  # batch_size=None: samples collated one by one
+            batch: Any = [self.collate_fn(sample) for sample in samples.samples]
+            states, count = samples.states, len(samples.samples)
+        else:
+            count = len(samples) if isinstance(samples, list) else 1
+            batch = self.collate_fn(samples)
+        tracked = _Tracked(batch, work.reader.index, state, items, count, states)
+        if info is not None:
+            tracked.rings, tracked.worker = self.rings, info.id
+        return tracked
 
 
 def _widen_result_pipe(iterator: Any) -> None:
@@ -173,17 +186,30 @@ class StreamingDataLoader(DataLoader[Any]):
     the batches itself, exactly as torch's single-process iterator does, without that
     iterator's per-batch profiler range.
 
+    With ``batch_size=None`` and workers, each worker sends its samples to the main process
+    ``pack_size`` at a time, which hands them out one by one: the round robin over the
+    workers then takes runs of ``pack_size`` samples from each, where torch's takes one.
+
     Args:
         dataset: The dataset to load.
         batch_size: Samples per batch (``None``: no batching, samples one by one).
+        pack_size: With ``batch_size=None`` and workers: samples a worker sends at once
+            (1: one by one, as torch does; more saves the main process ~100 us a sample).
         **kwargs: Any other DataLoader argument.
     """
 
     def __init__(
-        self, dataset: StreamingWebDataset, batch_size: int | None = 1, **kwargs: Any
+        self,
+        dataset: StreamingWebDataset,
+        batch_size: int | None = 1,
+        *,
+        pack_size: int = 32,
+        **kwargs: Any,
     ) -> None:
         if not isinstance(dataset, StreamingWebDataset):
             raise TypeError("StreamingDataLoader needs a StreamingWebDataset")
+        if pack_size < 1:
+            raise ValueError(f"pack_size must be >= 1, not {pack_size}")
         for name in ("sampler", "batch_sampler", "shuffle"):
             if kwargs.get(name):
                 raise ValueError(f"{name}= does not apply: the dataset plans and shuffles itself")
@@ -198,9 +224,12 @@ class StreamingDataLoader(DataLoader[Any]):
             **kwargs,
         )
         dataset.batch_size_hint = batch_size or 1
+        self.pack_size = pack_size if batch_size is None and self.num_workers > 0 else 1
+        dataset.pack_size_hint = self.pack_size
         self._states: dict[int, ReaderState] = {}
         self._items: dict[int, list[list[int | None]]] = {}
         self._last_reader: int | None = None
+        self._pack_open = False  # the last sample handed out was not the last of its pack
         self._delivered = 0
         self._finished = False
         self._iter_epoch = dataset.epoch
@@ -216,6 +245,7 @@ class StreamingDataLoader(DataLoader[Any]):
         resuming = dataset._resume is not None and dataset._resume.epoch == dataset.epoch
         if not resuming:
             self._states, self._items, self._last_reader, self._delivered = {}, {}, None, 0
+            self._pack_open = False
         self._finished = False
         self._iter_epoch = dataset.epoch
         dataset.capture_distributed()
@@ -233,12 +263,20 @@ class StreamingDataLoader(DataLoader[Any]):
         try:
             with head_start:
                 for tracked in iterator:
-                    self._states[tracked.reader] = tracked.state
                     if tracked.items is not None:
                         self._items[tracked.reader] = tracked.items
                     self._last_reader = tracked.reader
-                    self._delivered += tracked.samples
-                    yield tracked.batch
+                    if tracked.states is None:
+                        self._states[tracked.reader] = tracked.state
+                        self._delivered += tracked.samples
+                        yield tracked.batch
+                        continue
+                    states = tracked.states  # a pack: its samples one by one
+                    for i, sample in enumerate(tracked.batch):
+                        self._states[tracked.reader] = states[i]
+                        self._pack_open = i < len(states) - 1
+                        self._delivered += 1
+                        yield sample
             self._finished = True
         finally:
             dataset._resume = None
@@ -310,7 +348,7 @@ class StreamingDataLoader(DataLoader[Any]):
         if len(sizes) == len(counts) == len(shards) and samples:  # all known: an index
             per_sample = sum(sizes) // samples
         batches = (self.prefetch_factor or 2) + 1
-        wanted = batches * (self.batch_size or 1) * per_sample
+        wanted = batches * (self.batch_size or self.pack_size) * per_sample
         return int(min(max(wanted, _RING_MIN), _RING_MAX))
 
     def _config(self) -> dict[str, Any]:
@@ -320,6 +358,7 @@ class StreamingDataLoader(DataLoader[Any]):
             "world_size": world_size,
             "num_workers": max(1, self.num_workers),
             "batch_size": self.batch_size,
+            "pack_size": self.pack_size,
             "seed": dataset.seed,
             "shuffle": dataset.shuffle,
             "buffer_size": dataset.buffer_size,
@@ -342,7 +381,13 @@ class StreamingDataLoader(DataLoader[Any]):
             "epoch": self._iter_epoch,
             "finished": self._finished,
             "config": self._config(),
-            "ranks": {str(rank): {"last_reader": self._last_reader, "delivered": self._delivered}},
+            "ranks": {
+                str(rank): {
+                    "last_reader": self._last_reader,
+                    "delivered": self._delivered,
+                    "pack_open": self._pack_open,
+                }
+            },
             "readers": {str(k): v.to_json() for k, v in sorted(self._states.items())},
             "items": {str(k): v for k, v in sorted(self._items.items())},
         }
@@ -392,15 +437,19 @@ class StreamingDataLoader(DataLoader[Any]):
                     "(save the output of wdsfs.gather_state_dict)"
                 )
         offset = 0
-        last = sd["ranks"].get(str(rank), {}).get("last_reader")
+        ours = sd["ranks"].get(str(rank), {})
+        last = ours.get("last_reader")
         if same and last is not None:
-            offset = (last % old["num_workers"] + 1) % old["num_workers"]
+            # the next reader in the round robin; the same one if it was in the middle of a pack
+            step = 0 if ours.get("pack_open") else 1
+            offset = (last % old["num_workers"] + step) % old["num_workers"]
         work_for = _ResumedWork(states, saved_items, old_count, same)
         dataset._resume = _Resume(uuid.uuid4().hex, sd["epoch"], work_for, worker_offset=offset)
         mine = range(rank * new["num_workers"], (rank + 1) * new["num_workers"])
         self._states = {k: v for k, v in states.items() if same and k in mine}
         self._items = {k: v for k, v in sd["items"].items() if same and int(k) in mine}
         self._last_reader = None
+        self._pack_open = False
         self._delivered = sum(int(r.get("delivered", 0)) for r in sd["ranks"].values())
         self._iter_epoch = sd["epoch"]
 
