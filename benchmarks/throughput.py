@@ -26,8 +26,9 @@ Two references show what this machine allows whatever the library does:
 - ``raw ranged + write``: the raw read writing its bytes at their offsets into local files, as
   any disk cache must (this VM charges ~1.5 CPU-s per GB of new page-cache pages);
 - ``DataLoader alone, 2 workers``: a torch ``DataLoader`` with 2 workers whose dataset yields
-  sample dicts of the same sizes made in memory (no I/O, no parsing): what the worker -> main
-  process transport delivers for ``bytes`` samples, the ceiling of every 2-worker row.
+  sample dicts of the same sizes made in memory (no I/O, no parsing): what torch's worker ->
+  main process transport delivers for ``bytes`` samples (wdsfs's workers send theirs through
+  shared memory, and unbatched ones in packs of 32: see docs/concepts/workers.md).
 
 Warm epochs and tarfile passes run 3 times in their process and the fastest is kept (a warm epoch
 of 0.6 GB lasts ~0.3 s: a single pass is at the mercy of the machine's noise); the TTFS shown for
