@@ -26,12 +26,24 @@ def keys_collate(samples):
     return [s["__key__"] for s in samples]
 
 
-def make_loader(root, cache, *, num_workers, batch_size, shuffle=True, seed=7, buffer_size=5):
+def key_of(sample):
+    """A collate_fn for ``batch_size=None``: the sample's key."""
+    return sample["__key__"]
+
+
+def make_loader(
+    root, cache, *, num_workers, batch_size, shuffle=True, seed=7, buffer_size=5, pack_size=32
+):
+    """Batches of keys; with ``batch_size=None``, keys one by one (workers send packs)."""
     ds = StreamingWebDataset(
         str(root), shuffle=shuffle, seed=seed, buffer_size=buffer_size, cache_dir=str(cache)
     )
     return StreamingDataLoader(
-        ds, batch_size=batch_size, num_workers=num_workers, collate_fn=keys_collate
+        ds,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pack_size=pack_size,
+        collate_fn=keys_collate if batch_size is not None else key_of,
     )
 
 
@@ -118,17 +130,9 @@ def test_elastic_num_workers_is_exactly_once(
     assert sorted(before + after) == sorted(expected)
 
 
-def key_of(sample):
-    """A collate_fn for ``batch_size=None``: the sample's key."""
-    return sample["__key__"]
-
-
-def make_sample_loader(root, cache, *, num_workers, pack_size, shuffle=True, buffer_size=5):
-    ds = StreamingWebDataset(
-        str(root), shuffle=shuffle, seed=7, buffer_size=buffer_size, cache_dir=str(cache)
-    )
-    return StreamingDataLoader(
-        ds, batch_size=None, num_workers=num_workers, pack_size=pack_size, collate_fn=key_of
+def make_sample_loader(root, cache, *, num_workers, pack_size, shuffle=True):
+    return make_loader(
+        root, cache, num_workers=num_workers, batch_size=None, pack_size=pack_size, shuffle=shuffle
     )
 
 
