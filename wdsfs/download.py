@@ -113,12 +113,14 @@ class TransferCallback(Callback):  # type: ignore[misc]
 class FetchedShard:
     """A shard ready to read: an open handle that stays valid even if the cache evicts it.
 
-    Use as a context manager, or call :meth:`close`.
+    Use as a context manager, or call :meth:`close`. ``direct_io`` is True when this fetch
+    just wrote the file with ``O_DIRECT``: its bytes are on disk, not in the page cache.
     """
 
     shard: Shard
     file: IO[bytes]
     from_cache: bool
+    direct_io: bool = False
     path: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -269,7 +271,7 @@ class Fetcher:
             if handle is None:
                 shard = self._with_store_checksum(fs, path, shard, callback)
                 direct = self.direct_io if direct_io is None else direct_io
-                temp, _ = self._download_verified(
+                temp, direct = self._download_verified(
                     fs, path, shard, callback, self.cache.temp_path, order, direct
                 )
                 try:
@@ -282,7 +284,7 @@ class Fetcher:
                 finally:
                     _remove(temp)
                 self.metrics.shard_ready()
-                return FetchedShard(shard, handle, from_cache=False)
+                return FetchedShard(shard, handle, from_cache=False, direct_io=direct)
         return self._served(shard, handle)
 
     def _hit(self, shard: Shard, key: str) -> FetchedShard | None:
@@ -400,8 +402,9 @@ class Fetcher:
         temp_path: Callable[[], str],
         priority: int,
         direct_io: bool,
-    ) -> tuple[str, int]:
-        """Download and verify into a fresh temp file; return its path and size.
+    ) -> tuple[str, bool]:
+        """Download and verify into a fresh temp file; return its path and whether it was
+        written with ``O_DIRECT``.
 
         The caller moves the file into place; on any error no temp file is left behind.
         """
@@ -409,7 +412,7 @@ class Fetcher:
         for attempt in range(1, self.max_attempts + 1):
             temp = temp_path()
             try:
-                written, digest = self._download(
+                written, digest, direct = self._download(
                     fs, path, shard, temp, callback, priority, direct_io
                 )
                 self._verify(fs, path, shard, temp, written, digest, callback)
@@ -428,7 +431,7 @@ class Fetcher:
                 raise
             self.metrics.add(misses=1, bytes_downloaded=written)
             logger.debug("downloaded %s (%d bytes)", shard.url, written)
-            return temp, written
+            return temp, direct
         assert last is not None
         raise last
 
@@ -466,12 +469,13 @@ class Fetcher:
         callback: TransferCallback,
         priority: int,
         direct_io: bool,
-    ) -> tuple[int, str | None]:
+    ) -> tuple[int, str | None, bool]:
         """Write the object into ``temp`` with ranged reads on the pool.
 
         Returns:
-            Bytes written, and the object's checksum in hex for the algorithm of the shard's
-            checksum (CRCs computed per chunk as bytes arrive, MD5 in offset order), else None.
+            Bytes written; the object's checksum in hex for the algorithm of the shard's
+            checksum (CRCs computed per chunk as bytes arrive, MD5 in offset order), else None;
+            whether the bytes were written with ``O_DIRECT``.
         """
         size = shard.size
         expected = self._expected_checksum(shard)
@@ -480,7 +484,7 @@ class Fetcher:
         try:
             if size is None:
                 self._stream(fs, path, fd, shard.url, callback, digest)
-                return digest.length, digest.hexdigest()
+                return digest.length, digest.hexdigest(), False
             callback.set_size(size)
             remote = self._remote(fs, path, shard.url, callback)
             abort = threading.Event()
@@ -515,7 +519,7 @@ class Fetcher:
                     if direct is not None:
                         os.close(direct)
                         os.ftruncate(fd, size)  # the last block was written padded
-            return digest.length, digest.hexdigest()
+            return digest.length, digest.hexdigest(), direct is not None
         finally:
             os.close(fd)
 
