@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import gc
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -19,7 +18,6 @@ from torch.utils.data import DataLoader
 from tests.datasets import make_shard, sample_key, write_dataset
 from wdsfs import StreamingWebDataset
 from wdsfs.errors import CorruptShardError
-from wdsfs.tar import read_samples
 
 pytestmark = pytest.mark.torch
 
@@ -69,41 +67,6 @@ def test_reads_what_webdataset_reads(remote, tmp_path):
         assert {k: v for k, v in ours.items() if k != "__url__"} == {
             k: v for k, v in theirs.items() if k not in ("__url__", "__local_path__")
         }
-
-
-def test_downloaded_shards_are_read_back_with_direct_io(remote, tmp_path, monkeypatch):
-    import wdsfs.dataset
-
-    monkeypatch.setattr(wdsfs.dataset, "READ_BLOCK", 8192)  # samples span the reader's blocks
-    opened = []
-    real_open = wdsfs.dataset.DirectReader.open
-
-    def spy(file, pool):
-        reader = real_open(file, pool)
-        opened.append(reader is not None)
-        return reader
-
-    monkeypatch.setattr(wdsfs.dataset.DirectReader, "open", spy)
-    counts = [5, 3, 4]
-    write_dataset(remote.put, counts, payload=5000)
-    expected = [
-        sample
-        for shard, count in enumerate(counts)
-        for _, sample in read_samples(io.BytesIO(make_shard(shard, count, 5000)), url="x")
-    ]
-    ds = _dataset(remote, tmp_path)
-
-    def epoch():
-        return [{k: v for k, v in s.items() if k != "__url__"} for s in ds]
-
-    cold = epoch()
-    downloads = remote.protocol != "file"  # a local dataset is read in place
-    assert opened == ([True] * 3 if downloads else [])
-    opened.clear()
-    ds.set_epoch(1)
-    assert epoch() == cold  # cache hits: read buffered (the page cache may hold them)
-    assert opened == []
-    assert cold == [{k: v for k, v in s.items() if k != "__url__"} for s in expected]
 
 
 def test_decode_transform_and_process_sample(tmp_path):

@@ -1,10 +1,7 @@
-"""Direct I/O: writes of downloads (block alignment, padding of the last block, fallbacks), and
-the reader of a just-written shard (same bytes as a buffered read, seeks, fallbacks)."""
+"""Direct I/O writes of downloads: block alignment, padding of the last block, fallbacks."""
 
 from __future__ import annotations
 
-import errno
-import io
 import os
 import random
 import threading
@@ -15,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wdsfs._direct import ALIGNMENT, BufferPool, DirectReader, DirectWriter, open_direct
+from wdsfs._direct import ALIGNMENT, BufferPool, DirectWriter, open_direct
 from wdsfs.cache import ShardCache
 from wdsfs.download import Fetcher
 from wdsfs.source import list_shards
@@ -127,81 +124,5 @@ def test_downloads_are_identical_with_and_without_direct_io(
         with fetcher.fetch(shard) as fetched:
             got = fetched.file.read()
             assert fetched.from_cache == (remote.protocol == "file")
-            assert fetched.direct_io == (direct_io and platform_has_it and not fetched.from_cache)
     assert len(got) == size and zlib.crc32(got) == zlib.crc32(data)
     cache.close()
-
-
-_ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("read"), st.integers(-1, 3 * 16384)),
-        st.tuples(st.just("seek"), st.integers(0, 2), st.integers(-20_000, 60_000)),
-    ),
-    max_size=30,
-)
-
-
-@needs_direct_io
-@settings(max_examples=60, deadline=None)
-@given(size=st.integers(0, 5 * 16384), ops=_ops)
-def test_direct_reads_match_buffered_reads(tmp_path_factory, size, ops):
-    data = random.Random(size).randbytes(size)
-    path = tmp_path_factory.mktemp("direct") / "shard"
-    path.write_bytes(data)
-    pool = BufferPool(16384, keep=1)  # small blocks: reads and seeks cross them
-    expected = io.BytesIO(data)
-    with open(path, "rb") as file:
-        reader = DirectReader.open(file, pool)
-        assert reader is not None, "this filesystem should do direct I/O"
-        with reader:
-            assert reader.seekable() and reader.name == str(path)
-            for op in ops:
-                if op[0] == "read":
-                    assert reader.read(op[1]) == expected.read(op[1])
-                else:
-                    _, whence, offset = op
-                    if (0, expected.tell(), size)[whence] + offset < 0:
-                        with pytest.raises(ValueError, match="negative seek"):
-                            reader.seek(offset, whence)
-                        continue
-                    assert reader.seek(offset, whence) == expected.seek(offset, whence)
-                assert reader.tell() == expected.tell()
-            assert reader.read() == expected.read()
-            assert reader.read(10) == b""
-    assert len(pool._free) == 1  # the buffer went back
-
-
-def test_direct_reader_falls_back_where_o_direct_is_refused(tmp_path, monkeypatch):
-    path = tmp_path / "shard"
-    path.write_bytes(b"x" * 10)
-    pool = BufferPool(16384, keep=1)
-    with open(path, "rb") as file:
-        if hasattr(os, "O_DIRECT"):
-            import fcntl
-
-            def refuse(fd, cmd, arg=0):
-                if cmd == fcntl.F_SETFL:
-                    raise OSError(errno.EINVAL, "Invalid argument")
-                return real(fd, cmd, arg)
-
-            real = fcntl.fcntl
-            monkeypatch.setattr(fcntl, "fcntl", refuse)
-            assert DirectReader.open(file, pool) is None  # a filesystem without direct I/O
-            monkeypatch.undo()
-        monkeypatch.delattr(os, "O_DIRECT", raising=False)
-        assert DirectReader.open(file, pool) is None  # a platform without it
-        assert file.read() == b"x" * 10  # the caller reads buffered
-
-
-@needs_direct_io
-def test_a_closed_direct_reader_refuses_to_read(tmp_path):
-    path = tmp_path / "shard"
-    path.write_bytes(b"y" * 100_000)
-    with open(path, "rb") as file:
-        reader = DirectReader.open(file, BufferPool(16384, keep=1))
-        assert reader is not None
-        assert reader.read(5) == b"yyyyy"
-        reader.close()
-        reader.close()  # twice is fine
-        with pytest.raises(ValueError, match="closed"):
-            reader.read(20_000)

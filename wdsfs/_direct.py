@@ -1,4 +1,4 @@
-"""Direct I/O: shard bytes go to disk and back without the page cache (not public API).
+"""Direct I/O for downloads: shard bytes go to disk without filling the page cache (not public API).
 
 A freshly downloaded shard is read once soon (or never, by ``prefetch``) and re-read only in a
 later epoch, long after a dataset larger than memory has pushed it out of the page cache. Writing
@@ -11,37 +11,22 @@ writes whole aligned blocks with ``O_DIRECT``; a chunk that ends at the end of t
 its last block padded, and the file is cut to its size afterwards. Where ``O_DIRECT`` is not
 available (macOS, Windows, some filesystems) :func:`open_direct` returns None and the caller
 writes buffered as before.
-
-:class:`DirectReader` reads such a shard back once, sequentially, as the dataset's reader does
-right after the download: ``O_DIRECT`` reads of 4 MiB blocks into one reused aligned buffer, so
-neither the write nor the read allocates page-cache pages (measured with 20 MB shards on a cold
-0-worker epoch: 1.5-2.6 s of system CPU per GB buffered, 0.6 direct, for the whole epoch).
 """
 
 from __future__ import annotations
 
 import collections
-import io
 import mmap
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
 
-__all__ = [
-    "ALIGNMENT",
-    "READ_BLOCK",
-    "BufferPool",
-    "DirectReader",
-    "DirectWriter",
-    "open_direct",
-    "pwrite_all",
-]
+__all__ = ["ALIGNMENT", "BufferPool", "DirectWriter", "open_direct", "pwrite_all"]
 
 ALIGNMENT = 4096
 _Block = tuple[mmap.mmap, int, int, int]  # buffer, file offset, bytes to write, payload bytes
 _FLUSH_BYTES = 1024 * 1024
-READ_BLOCK = 4 * 1024 * 1024  # per O_DIRECT read: 1-8 MiB all read this disk at ~1 GB/s
 
 
 def open_direct(path: str) -> int | None:
@@ -220,103 +205,3 @@ class DirectWriter:
         finally:
             view.release()
             self._pool.give(buffer)
-
-
-class DirectReader:
-    """A sequential, seekable binary reader of an open file, with ``O_DIRECT`` reads.
-
-    For a file whose bytes were just written with ``O_DIRECT`` (they are on disk, not in the
-    page cache): buffered reads would fault a new page-cache page per 4 KiB. It reads whole
-    aligned blocks of ``pool.size`` bytes into a buffer of ``pool`` and serves ``read`` from
-    it (a copy into the returned ``bytes``, as a buffered read makes). Forward seeks inside
-    the block move in the buffer; others read the block holding the new offset. :meth:`open`
-    returns None where the file cannot be read with ``O_DIRECT``. Not thread-safe; close it
-    (or use it as a context manager) to give the buffer back; the file stays open.
-    """
-
-    __slots__ = ("_block", "_buffer", "_fd", "_pool", "_position", "_size", "_start", "name")
-
-    def __init__(self, fd: int, size: int, pool: BufferPool, name: str) -> None:
-        self._fd = fd
-        self._size = size
-        self._pool = pool
-        self._buffer: mmap.mmap | None = pool.take()
-        self._block = memoryview(b"")  # the bytes of the file read last, from ``_start``
-        self._start = 0
-        self._position = 0
-        self.name = name
-
-    @classmethod
-    def open(cls, file: io.BufferedReader, pool: BufferPool) -> DirectReader | None:
-        """A reader of ``file`` from its start, or None without ``O_DIRECT`` for it.
-
-        Sets ``O_DIRECT`` on ``file``'s descriptor: read ``file`` only through the reader.
-        """
-        flag = getattr(os, "O_DIRECT", 0)
-        if not flag or pool.size % ALIGNMENT:
-            return None
-        import fcntl  # POSIX only, as O_DIRECT
-
-        fd = file.fileno()
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | flag)
-        except OSError:  # EINVAL: this filesystem does not do direct I/O
-            return None
-        return cls(fd, os.fstat(fd).st_size, pool, str(file.name))
-
-    def read(self, size: int | None = -1) -> bytes:
-        """Up to ``size`` bytes (all the rest if negative or None); ``b""`` at the end."""
-        end = self._size if size is None or size < 0 else min(self._position + size, self._size)
-        end = max(end, self._position)  # after a seek past the end: nothing, staying there
-        if self._start <= self._position and end <= self._start + len(self._block):
-            piece = self._block[self._position - self._start : end - self._start]
-            self._position = end
-            return bytes(piece)  # the common case: within the block
-        gathered = bytearray()  # copied out before the buffer is read into again
-        while self._position < end:
-            offset = self._position - self._start
-            if not 0 <= offset < len(self._block):
-                self._fill()
-                offset = self._position - self._start
-                if offset >= len(self._block):  # the file shrank: its end came sooner
-                    break
-            take = min(end - self._position, len(self._block) - offset)
-            gathered += self._block[offset : offset + take]
-            self._position += take
-        return bytes(gathered)
-
-    def _fill(self) -> None:
-        buffer = self._buffer
-        if buffer is None:
-            raise ValueError("read of a closed DirectReader")
-        self._block.release()
-        self._start = self._position - self._position % ALIGNMENT
-        length = os.preadv(self._fd, [buffer], self._start)
-        self._block = memoryview(buffer)[:length]
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
-        self._position = base + offset
-        return self._position
-
-    def close(self) -> None:
-        """Give the buffer back (the file stays open)."""
-        self._block.release()
-        self._block = memoryview(b"")
-        if self._buffer is not None:
-            self._pool.give(self._buffer)
-            self._buffer = None
-
-    def __enter__(self) -> DirectReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

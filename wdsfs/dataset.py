@@ -14,8 +14,6 @@ once per epoch across all ranks and workers.
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 import logging
 import multiprocessing
 import threading
@@ -26,7 +24,6 @@ from typing import Any, Literal
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from wdsfs._direct import READ_BLOCK, BufferPool, DirectReader
 from wdsfs._dist import rank_and_world_size, worker_and_count
 from wdsfs._fs import parse_size
 from wdsfs._packs import packed
@@ -308,12 +305,8 @@ class StreamingWebDataset(IterableDataset[Sample]):
         assert self._active is not None
         return self._active.state()
 
-    def fetcher(self, *, direct_io: bool = False) -> Fetcher:
-        """A fetcher into the dataset's cache, with its download settings.
-
-        The dataset's own reads use ``direct_io=True``: each shard it downloads is read once,
-        right after, with ``O_DIRECT`` too, so neither fills the page cache.
-        """
+    def fetcher(self) -> Fetcher:
+        """A fetcher into the dataset's cache, with its download settings."""
         return Fetcher(
             self.cache,
             storage_options=self.source.storage_options,
@@ -321,7 +314,6 @@ class StreamingWebDataset(IterableDataset[Sample]):
             chunk_size=self.chunk_size,
             max_attempts=self.max_attempts,
             verify=self.verify,
-            direct_io=direct_io,
         )
 
     def first_shards(self, num_workers: int) -> list[Shard]:
@@ -338,7 +330,7 @@ class StreamingWebDataset(IterableDataset[Sample]):
 
     def _iterate(self, work: ReaderWork) -> Iterator[Sample]:
         shards = self.shards()
-        fetcher = self.fetcher(direct_io=True)
+        fetcher = self.fetcher()
         start_item = work.state.item if work.state is not None else 0
         readahead = _Readahead(
             fetcher, shards, [i.shard for i in work.items[start_item:]], self.prefetch
@@ -380,7 +372,6 @@ class _Readahead:
         self.planned = collections.deque(planned)
         self.ahead = fetcher.fetch_ahead((shards[i] for i in planned), window=window)
         self._lock = threading.Lock()
-        self._buffers = BufferPool(READ_BLOCK, keep=1)  # one shard is read at a time
 
     def _get(self, index: int) -> FetchedShard:
         with self._lock:
@@ -404,9 +395,11 @@ class _Readahead:
             def wanted(index: int) -> bool:
                 return index >= start and (select is None or select(index))
 
-        with self._get(shard) as fetched, self._opened(fetched) as file:
+        with self._get(shard) as fetched:
             if stop is not None:
-                yield from read_samples(file, url=fetched.shard.url, select=wanted, stop=stop)
+                yield from read_samples(
+                    fetched.file, url=fetched.shard.url, select=wanted, stop=stop
+                )
                 return
             seen = 0
 
@@ -415,7 +408,7 @@ class _Readahead:
                 seen = index + 1
                 return wanted is None or wanted(index)
 
-            yield from read_samples(file, url=fetched.shard.url, select=counting)
+            yield from read_samples(fetched.file, url=fetched.shard.url, select=counting)
         listed = self.shards[shard].num_samples
         if listed is not None and seen != listed:
             # equalize= and num_samples trust the index: a wrong count must not pass silently
@@ -425,18 +418,6 @@ class _Readahead:
             )
         # read to its end: remember its sample count (num_samples without an index.wds)
         self.fetcher.cache.remember_count(ShardCache.key(self.shards[shard]), seen)
-
-    @contextlib.contextmanager
-    def _opened(self, fetched: FetchedShard) -> Iterator[Any]:
-        """The file to read ``fetched`` from: with ``O_DIRECT`` if it was just written so."""
-        reader = None
-        if fetched.direct_io and isinstance(fetched.file, io.BufferedReader):
-            reader = DirectReader.open(fetched.file, self._buffers)
-        if reader is None:
-            yield fetched.file
-            return
-        with reader:
-            yield reader
 
     def close(self) -> None:
         self.ahead.close()

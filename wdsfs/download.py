@@ -113,14 +113,12 @@ class TransferCallback(Callback):  # type: ignore[misc]
 class FetchedShard:
     """A shard ready to read: an open handle that stays valid even if the cache evicts it.
 
-    Use as a context manager, or call :meth:`close`. ``direct_io`` is True when this fetch
-    just wrote the file with ``O_DIRECT``: its bytes are on disk, not in the page cache.
+    Use as a context manager, or call :meth:`close`.
     """
 
     shard: Shard
     file: IO[bytes]
     from_cache: bool
-    direct_io: bool = False
     path: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -271,7 +269,7 @@ class Fetcher:
             if handle is None:
                 shard = self._with_store_checksum(fs, path, shard, callback)
                 direct = self.direct_io if direct_io is None else direct_io
-                temp, direct = self._download_verified(
+                temp, _ = self._download_verified(
                     fs, path, shard, callback, self.cache.temp_path, order, direct
                 )
                 try:
@@ -284,7 +282,7 @@ class Fetcher:
                 finally:
                     _remove(temp)
                 self.metrics.shard_ready()
-                return FetchedShard(shard, handle, from_cache=False, direct_io=direct)
+                return FetchedShard(shard, handle, from_cache=False)
         return self._served(shard, handle)
 
     def _hit(self, shard: Shard, key: str) -> FetchedShard | None:
@@ -402,9 +400,8 @@ class Fetcher:
         temp_path: Callable[[], str],
         priority: int,
         direct_io: bool,
-    ) -> tuple[str, bool]:
-        """Download and verify into a fresh temp file; return its path and whether it was
-        written with ``O_DIRECT``.
+    ) -> tuple[str, int]:
+        """Download and verify into a fresh temp file; return its path and size.
 
         The caller moves the file into place; on any error no temp file is left behind.
         """
@@ -412,7 +409,7 @@ class Fetcher:
         for attempt in range(1, self.max_attempts + 1):
             temp = temp_path()
             try:
-                written, digest, direct = self._download(
+                written, digest = self._download(
                     fs, path, shard, temp, callback, priority, direct_io
                 )
                 self._verify(fs, path, shard, temp, written, digest, callback)
@@ -431,7 +428,7 @@ class Fetcher:
                 raise
             self.metrics.add(misses=1, bytes_downloaded=written)
             logger.debug("downloaded %s (%d bytes)", shard.url, written)
-            return temp, direct
+            return temp, written
         assert last is not None
         raise last
 
@@ -469,13 +466,12 @@ class Fetcher:
         callback: TransferCallback,
         priority: int,
         direct_io: bool,
-    ) -> tuple[int, str | None, bool]:
+    ) -> tuple[int, str | None]:
         """Write the object into ``temp`` with ranged reads on the pool.
 
         Returns:
-            Bytes written; the object's checksum in hex for the algorithm of the shard's
-            checksum (CRCs computed per chunk as bytes arrive, MD5 in offset order), else None;
-            whether the bytes were written with ``O_DIRECT``.
+            Bytes written, and the object's checksum in hex for the algorithm of the shard's
+            checksum (CRCs computed per chunk as bytes arrive, MD5 in offset order), else None.
         """
         size = shard.size
         expected = self._expected_checksum(shard)
@@ -484,7 +480,7 @@ class Fetcher:
         try:
             if size is None:
                 self._stream(fs, path, fd, shard.url, callback, digest)
-                return digest.length, digest.hexdigest(), False
+                return digest.length, digest.hexdigest()
             callback.set_size(size)
             remote = self._remote(fs, path, shard.url, callback)
             abort = threading.Event()
@@ -519,7 +515,7 @@ class Fetcher:
                     if direct is not None:
                         os.close(direct)
                         os.ftruncate(fd, size)  # the last block was written padded
-            return digest.length, digest.hexdigest(), direct is not None
+            return digest.length, digest.hexdigest()
         finally:
             os.close(fd)
 
