@@ -66,7 +66,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     with MotoS3Server() as s3, tempfile.TemporaryDirectory() as cache_dir:
-        print(f"S3 server (moto) on {s3.endpoint_url}, pid {s3.pid}")
+        print(f"S3 server (moto) on {s3.endpoint_url}, pid {s3.pid}", flush=True)
         s3.make_bucket("demo")
         fs = s3.filesystem()
         total_bytes = 0
@@ -76,7 +76,8 @@ def main() -> None:
             total_bytes += len(data)
         print(
             f"dataset: {args.shards} shards, {args.shards * args.samples_per_shard} samples, "
-            f"{total_bytes / MB:.1f} MB at s3://demo/images/train"
+            f"{total_bytes / MB:.1f} MB at s3://demo/images/train",
+            flush=True,  # in order with the bars (stderr) when both go to one file
         )
         with FaultProxy(s3.endpoint_url) as proxy:  # counts the bytes the server sends
             dataset = StreamingWebDataset(
@@ -115,9 +116,10 @@ def main() -> None:
                 print(
                     f"epoch {epoch + 1}: {samples} samples in {elapsed:.2f}s = "
                     f"{samples / elapsed:.0f} samples/s, {total_bytes / MB / elapsed:.1f} MB/s, "
-                    f"read from {source}"
+                    f"read from {source}",
+                    flush=True,
                 )
-    print("S3 server stopped; cache removed.")
+    print("S3 server stopped; cache removed.", flush=True)
 
 
 if __name__ == "__main__":
