@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.datasets import sample_key, write_dataset
+from tests.datasets import make_shard, sample_key, write_dataset
 from wdsfs import StreamingDataLoader, StreamingWebDataset
 from wdsfs.errors import StateMismatchError
 
@@ -468,6 +468,32 @@ def test_main_process_fetches_each_new_workers_first_shard(s3_bucket, tmp_path, 
     # this process fetched exactly the workers' first shards: downloaded, or found in the
     # cache if a worker was first to take the shard's lock
     assert _fetched_here(caplog.records) == set(firsts)
+
+
+@pytest.mark.s3
+def test_a_cache_smaller_than_the_workers_read_ahead_neither_hangs_nor_repeats(s3_bucket, tmp_path):
+    # 3 workers each keep up to 3 shards (the one read, prefetch=2) in flight: 9 shards
+    # wanted at once in a cache that holds 2. Shards are evicted while workers read them.
+    counts = [6] * 12
+    write_dataset(s3_bucket.put, counts, payload=100_000)
+    shard_bytes = len(make_shard(0, 6, 100_000))
+    cache_dir = tmp_path / "cache"
+    dataset = StreamingWebDataset(
+        s3_bucket.url,
+        storage_options=s3_bucket.storage_options,
+        cache_dir=str(cache_dir),
+        cache_limit=int(2.5 * shard_bytes) + 256 * 1024,  # 2 shards and the SQLite index
+        shuffle=True,
+        seed=1,
+    )
+    loader = StreamingDataLoader(dataset, batch_size=4, num_workers=3, collate_fn=keys_collate)
+    expected = sorted(sample_key(s, i) for s, n in enumerate(counts) for i in range(n))
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        assert sorted(flat(run_epoch(loader))) == expected
+        assert dataset.cache.volume() <= dataset.cache.cache_limit
+        assert 1 <= len(dataset.cache.keys()) <= 2
+    assert not list((cache_dir / "tmp").glob("*"))  # no download left half-written
 
 
 def test_no_head_start_for_a_resumed_epoch(tmp_path):
