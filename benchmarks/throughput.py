@@ -15,6 +15,8 @@ imported torch (so its peak RSS is that of a training process's main process):
   StreamingWebDataset("s3://..."), batch_size=None)`` and ``batch_size=32`` with a trivial collate
   (the list of sample dicts) (``--batch-size``), an empty cache directory (cold), then the same
   directory again (warm, every shard from the cache);
+- ``wdsfs cold, direct I/O``: the cold epoch again with ``direct_io=True`` (downloads written
+  and read back with ``O_DIRECT``, see docs/concepts/cache.md), into another empty directory;
 - ``tarfile local``: stdlib ``tarfile`` iterating the local copies (page cache warm),
   ``extractfile(m).read()`` for every member, grouped into sample dicts;
 - ``webdataset fsspec``: ``webdataset.WebDataset(urls, shardshuffle=False)`` over ``s3://`` URLs
@@ -41,7 +43,7 @@ Figures are the best of ``--repeat`` runs (RSS: the worst); nothing is asserted.
 
 Run from the repository root, after ``pip install -e .[test,torch]``::
 
-    python benchmarks/throughput.py                 # 0.6 GB per shard size, 2 repeats: ~5 min
+    python benchmarks/throughput.py                 # 0.6 GB per shard size, 2 repeats: ~6 min
     python benchmarks/throughput.py --quick         # ~1 minute
     python benchmarks/throughput.py --size-gb 1 --shard-mb 20 100 --repeat 3
 """
@@ -190,6 +192,7 @@ def child_wdsfs(spec: dict[str, Any]) -> dict[str, Any]:
         storage_options=spec["storage_options"],
         cache_dir=spec["cache_dir"],
         cache_limit=spec["cache_limit"],
+        direct_io=spec.get("direct_io", False),
     )
     batch_size = spec.get("batch_size")
     loader = StreamingDataLoader(
@@ -334,6 +337,9 @@ def measure_case(
                     add(f"wdsfs cold, {workers} workers{_batch(batch)}", spec)
                     warm = {**spec, "passes": WARM_PASSES}
                     add(f"wdsfs warm, {workers} workers{_batch(batch)}", warm)
+                with tempfile.TemporaryDirectory(prefix="wdsfs-cache-", dir=workdir) as cache:
+                    direct = {**spec, "cache_dir": cache, "direct_io": True}
+                    add(f"wdsfs cold, direct I/O, {workers} workers{_batch(batch)}", direct)
         add("tarfile local, 0 workers", {"kind": "tarfile", "passes": WARM_PASSES})
         for batch in batch_sizes:
             for workers in (0, 2):
@@ -440,11 +446,14 @@ def targets(
     for batch, workers in ((b, w) for b in batch_sizes for w in (0, 2)):
         case = f"{rows[0]['case']}{_batch(batch)}"
         cold = by_what[f"wdsfs cold, {workers} workers{_batch(batch)}"]
+        direct = by_what[f"wdsfs cold, direct I/O, {workers} workers{_batch(batch)}"]
         warm = by_what[f"wdsfs warm, {workers} workers{_batch(batch)}"]
         ratio = warm["samples/s"] / tar
         lines += [
             f"- {case}, {workers} workers: cold {cold['x raw']:.2f}x raw (target >= 0.85): "
             f"{verdict(cold['x raw'] >= 0.85)}",
+            f"- {case}, {workers} workers: cold with direct_io=True {direct['x raw']:.2f}x raw "
+            f"(target >= 0.85): {verdict(direct['x raw'] >= 0.85)}",
             f"- {case}, {workers} workers: warm {ratio:.2f}x tarfile (target >= 2): "
             f"{verdict(ratio >= 2)}",
             f"- {case}, {workers} workers: cold TTFS {cold['TTFS s']:.2f} s = "

@@ -35,7 +35,8 @@ def _wdsfs_threads():
     return [t for t in threading.enumerate() if t.name.startswith(("wdsfs-fetch", "wdsfs-shard"))]
 
 
-def test_reads_what_webdataset_reads(remote, tmp_path):
+@pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "direct-io"])
+def test_reads_what_webdataset_reads(remote, tmp_path, direct_io):
     import webdataset as wds
 
     local = tmp_path / "written"
@@ -60,7 +61,7 @@ def test_reads_what_webdataset_reads(remote, tmp_path):
             wds.WebDataset(sorted(str(p) for p in local.glob("*.tar")), shardshuffle=False)
         )
         gc.collect()
-    got = list(_dataset(remote, tmp_path))
+    got = list(_dataset(remote, tmp_path, direct_io=direct_io))
     assert len(got) == len(expected) == 21
     for ours, theirs in zip(got, expected, strict=True):
         assert ours["__url__"] == remote.join(os.path.basename(theirs["__url__"]))
@@ -272,6 +273,20 @@ def test_equalize_without_counts_is_a_clear_error(tmp_path):
     write_dataset(lambda name, data: (tmp_path / name).write_bytes(data), [2])
     with pytest.raises(ValueError, match="index.wds"):
         list(StreamingWebDataset(str(tmp_path), equalize="drop", cache_dir=str(tmp_path / "c")))
+
+
+@pytest.mark.s3
+def test_direct_io_reads_shards_split_between_workers_exactly_once(s3_bucket, tmp_path):
+    """With direct I/O, readers that share a shard seek past each other's samples in it."""
+    write_dataset(s3_bucket.put, [40, 3], payload=9_000)  # unaligned members, 2 shards, 3 readers
+    buffered = _dataset(s3_bucket, tmp_path / "buffered")
+    expected = sorted(buffered, key=lambda s: s["__key__"])
+    assert len(expected) == 43
+    for cache in ("cold", "warm"):
+        ds = _dataset(s3_bucket, tmp_path, direct_io=True)
+        samples = list(DataLoader(ds, batch_size=None, num_workers=3))
+        assert sorted(samples, key=lambda s: s["__key__"]) == expected, cache
+    assert len(ds.cache) == 2
 
 
 @pytest.mark.s3

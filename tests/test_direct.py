@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import random
 import threading
@@ -12,7 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wdsfs._direct import ALIGNMENT, BufferPool, DirectWriter, open_direct
+from wdsfs._direct import (
+    ALIGNMENT,
+    BufferPool,
+    DirectReader,
+    DirectWriter,
+    open_direct,
+    read_direct,
+)
 from wdsfs.cache import ShardCache
 from wdsfs.download import Fetcher
 from wdsfs.source import list_shards
@@ -124,5 +133,111 @@ def test_downloads_are_identical_with_and_without_direct_io(
         with fetcher.fetch(shard) as fetched:
             got = fetched.file.read()
             assert fetched.from_cache == (remote.protocol == "file")
+            downloaded = direct_io and not fetched.from_cache
+            assert isinstance(fetched.file, DirectReader) == (downloaded and platform_has_it)
     assert len(got) == size and zlib.crc32(got) == zlib.crc32(data)
     cache.close()
+
+
+# ------------------------------------------------------------------------ direct reads
+
+
+def _direct_reader(path: Path, block: int = 2 * ALIGNMENT) -> DirectReader:
+    handle = open(path, "rb")  # noqa: SIM115 - owned by the reader
+    reader = read_direct(handle, BufferPool(block, keep=1))
+    assert isinstance(reader, DirectReader), "this filesystem should do direct I/O"
+    return reader
+
+
+@needs_direct_io
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(0, 5 * ALIGNMENT + 17),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["read", "readinto", "seek", "seek_cur", "seek_end"]),
+            st.integers(-3 * ALIGNMENT, 3 * ALIGNMENT),
+        ),
+        max_size=25,
+    ),
+)
+def test_direct_reads_and_seeks_match_a_buffered_file(tmp_path_factory, size, steps):
+    data = random.Random(size).randbytes(size)
+    path = tmp_path_factory.mktemp("direct") / "in"
+    path.write_bytes(data)
+    with open(path, "rb") as expected, _direct_reader(path) as reader:
+        for op, n in steps:
+            if op == "read":
+                assert reader.read(abs(n)) == expected.read(abs(n))
+            elif op == "readinto":
+                ours, theirs = bytearray(abs(n)), bytearray(abs(n))
+                assert reader.readinto(ours) == expected.readinto(theirs)
+                assert ours == theirs
+            else:
+                whence = {"seek": os.SEEK_SET, "seek_cur": os.SEEK_CUR, "seek_end": os.SEEK_END}
+                target = {"seek": 0, "seek_cur": expected.tell(), "seek_end": size}[op] + n
+                if target < 0:
+                    with pytest.raises(OSError):
+                        reader.seek(n, whence[op])
+                    continue
+                assert reader.seek(n, whence[op]) == expected.seek(n, whence[op])
+            assert reader.tell() == expected.tell()
+        assert reader.read() == expected.read()
+
+
+@needs_direct_io
+def test_a_direct_reader_reads_a_deleted_file_and_returns_its_buffer(tmp_path):
+    data = random.Random(1).randbytes(3 * ALIGNMENT + 5)
+    path = tmp_path / "in"
+    path.write_bytes(data)
+    pool = BufferPool(ALIGNMENT, keep=1)
+    reader = read_direct(open(path, "rb"), pool)  # noqa: SIM115
+    assert isinstance(reader, DirectReader) and reader.name == str(path)
+    path.unlink()  # a cache eviction while the shard is being read
+    assert io.BufferedReader(reader, 100).read() == data  # as the tar reader wraps it
+    reader.close()
+    assert reader.closed and len(pool._free) == 1
+    with pytest.raises(ValueError):
+        reader.read(1)
+
+
+def test_without_o_direct_the_handle_stays_buffered(tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    path = tmp_path / "in"
+    path.write_bytes(b"abc")
+    with open(path, "rb") as handle:
+        assert read_direct(handle, BufferPool(ALIGNMENT, keep=1)) is handle
+
+
+@needs_direct_io
+def test_a_refused_direct_read_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    """Some filesystems accept O_DIRECT on open() and fcntl() but refuse the reads (EINVAL)."""
+    import fcntl
+
+    data = random.Random(2).randbytes(ALIGNMENT + 9)
+    path = tmp_path / "in"
+    path.write_bytes(data)
+    real_preadv = os.preadv
+
+    def refusing_preadv(fd, buffers, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", refusing_preadv)
+    with _direct_reader(path) as reader:
+        assert reader.read() == data
+        assert not fcntl.fcntl(reader.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+
+
+@needs_direct_io
+def test_other_read_errors_are_raised(tmp_path, monkeypatch):
+    path = tmp_path / "in"
+    path.write_bytes(b"x" * 10)
+
+    def failing_preadv(fd, buffers, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", failing_preadv)
+    with _direct_reader(path) as reader, pytest.raises(OSError, match="Input/output"):
+        reader.read(1)

@@ -1,4 +1,4 @@
-"""Direct I/O for downloads: shard bytes go to disk without filling the page cache (not public API).
+"""Direct I/O for downloads: shard bytes to disk and back without the page cache (not public API).
 
 A freshly downloaded shard is read once soon (or never, by ``prefetch``) and re-read only in a
 later epoch, long after a dataset larger than memory has pushed it out of the page cache. Writing
@@ -11,20 +11,39 @@ writes whole aligned blocks with ``O_DIRECT``; a chunk that ends at the end of t
 its last block padded, and the file is cut to its size afterwards. Where ``O_DIRECT`` is not
 available (macOS, Windows, some filesystems) :func:`open_direct` returns None and the caller
 writes buffered as before.
+
+:class:`DirectReader` reads such a file back the same way, for a shard read once right after its
+download (the dataset's read-ahead with ``direct_io=True``): aligned blocks of ``O_DIRECT``
+reads into one reused buffer, from which the reader's bytes are copied, so no page-cache page is
+made for them. :func:`read_direct` turns an open handle into one, or returns it unchanged where
+the filesystem refuses ``O_DIRECT``.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
+import io
 import mmap
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import IO, cast
 
-__all__ = ["ALIGNMENT", "BufferPool", "DirectWriter", "open_direct", "pwrite_all"]
+__all__ = [
+    "ALIGNMENT",
+    "READ_BLOCK",
+    "BufferPool",
+    "DirectReader",
+    "DirectWriter",
+    "open_direct",
+    "pwrite_all",
+    "read_direct",
+]
 
 ALIGNMENT = 4096
+READ_BLOCK = 4 * 1024 * 1024  # bytes per O_DIRECT read: smaller reads cost more CPU per byte
 _Block = tuple[mmap.mmap, int, int, int]  # buffer, file offset, bytes to write, payload bytes
 _FLUSH_BYTES = 1024 * 1024
 
@@ -205,3 +224,121 @@ class DirectWriter:
         finally:
             view.release()
             self._pool.give(buffer)
+
+
+def read_direct(handle: IO[bytes], pool: BufferPool) -> IO[bytes]:
+    """``handle`` as a :class:`DirectReader` (which then owns it), or unchanged.
+
+    Unchanged where ``O_DIRECT`` is unknown (macOS, Windows) or the filesystem refuses it.
+    ``pool`` lends the reader its block buffer (of ``pool.size`` bytes, a multiple of
+    :data:`ALIGNMENT`) while it reads.
+    """
+    if not _set_direct(handle.fileno(), True):
+        return handle
+    return cast(IO[bytes], DirectReader(handle, pool))
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Set or clear ``O_DIRECT`` on an open ``fd``; False if the platform or filesystem refuses."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    import fcntl  # POSIX only, like O_DIRECT
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | flag if on else flags & ~flag)
+    except OSError:  # EINVAL: the filesystem does not do direct I/O
+        return False
+    return True
+
+
+class DirectReader(io.RawIOBase):
+    """A seekable raw reader of an ``O_DIRECT`` handle, through one aligned block at a time.
+
+    Reads return fewer bytes than asked only at the end of the file, as a regular file's do.
+
+    Each block is read into a buffer taken from ``pool`` on the first read and given back on
+    :meth:`close`; reads copy their bytes out of it. If the filesystem refuses a direct read
+    after all (``EINVAL``), ``O_DIRECT`` is cleared and the same reads go through the page
+    cache. The handle stays open until :meth:`close`, so the file stays readable if it is
+    deleted meanwhile (a cache eviction).
+    """
+
+    def __init__(self, handle: IO[bytes], pool: BufferPool) -> None:
+        super().__init__()
+        self.name = handle.name
+        self._handle = handle
+        self._fd = handle.fileno()
+        self._pool = pool
+        self._buffer: mmap.mmap | None = None
+        self._start = 0  # file offset of the buffer's first byte
+        self._length = 0  # bytes of the file in the buffer
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def tell(self) -> int:
+        self._checkClosed()
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._checkClosed()
+        if whence == io.SEEK_SET:
+            position = offset
+        elif whence == io.SEEK_CUR:
+            position = self._position + offset
+        elif whence == io.SEEK_END:
+            position = os.fstat(self._fd).st_size + offset
+        else:
+            raise ValueError(f"invalid whence ({whence})")
+        if position < 0:
+            raise OSError(errno.EINVAL, f"negative seek position {position}")
+        self._position = position
+        return position
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        """Fill ``b`` from the current position; fewer bytes only at the end of the file."""
+        self._checkClosed()
+        done = 0
+        with memoryview(b) as out, out.cast("B") as view:
+            while done < len(view):
+                offset = self._position - self._start
+                if not 0 <= offset < self._length:
+                    self._fill()
+                    offset = self._position - self._start
+                    if offset >= self._length:
+                        break  # at or past the end of the file
+                take = min(len(view) - done, self._length - offset)
+                assert self._buffer is not None
+                view[done : done + take] = self._buffer[offset : offset + take]
+                self._position += take
+                done += take
+        return done
+
+    def _fill(self) -> None:
+        if self._buffer is None:
+            self._buffer = self._pool.take()
+        start = self._position - self._position % ALIGNMENT
+        self._start, self._length = start, 0
+        try:
+            self._length = os.preadv(self._fd, [self._buffer], start)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not _set_direct(self._fd, False):
+                raise
+            self._length = os.preadv(self._fd, [self._buffer], start)
+
+    def close(self) -> None:
+        if not self.closed:
+            if self._buffer is not None:
+                self._pool.give(self._buffer)
+                self._buffer = None
+            self._handle.close()
+        super().close()

@@ -91,6 +91,11 @@ class StreamingWebDataset(IterableDataset[Sample]):
         max_attempts: Tries for transient errors and integrity failures.
         verify: Check MD5s where known (sizes are always checked).
         chunk_size: Bytes per ranged read.
+        direct_io: Write each download with ``O_DIRECT`` and read it back the same way,
+            bypassing the page cache (cache hits are still read through it). Faster where new
+            page-cache pages are costly (virtual machines) and the cache's disk is fast (local
+            NVMe); slower where the disk is slower than the network (network volumes), whose
+            traffic it doubles. See docs/concepts/cache.md.
 
     Raises:
         ValueError: An unknown decoder name, a bad size, or a bad option value.
@@ -117,6 +122,7 @@ class StreamingWebDataset(IterableDataset[Sample]):
         max_attempts: int = 5,
         verify: bool = True,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        direct_io: bool = False,
         schema: Mapping[str, str | Callable[[bytes], Any]] | None = None,
         memory_buffer_limit_bytes: int | str | None = None,
         file_cache_limit_bytes: int | str | None = None,
@@ -150,6 +156,7 @@ class StreamingWebDataset(IterableDataset[Sample]):
         self.max_attempts = max_attempts
         self.verify = verify
         self.chunk_size = chunk_size
+        self.direct_io = direct_io
         self._distributed = rank_and_world_size()
         self.batch_size_hint = 1
         """Batch size of the loader (set by StreamingDataLoader): equalized quotas are whole
@@ -314,6 +321,7 @@ class StreamingWebDataset(IterableDataset[Sample]):
             chunk_size=self.chunk_size,
             max_attempts=self.max_attempts,
             verify=self.verify,
+            direct_io=self.direct_io,
         )
 
     def first_shards(self, num_workers: int) -> list[Shard]:

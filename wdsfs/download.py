@@ -40,7 +40,15 @@ from typing import IO, Any, TypeVar
 from fsspec.callbacks import Callback
 from fsspec.spec import AbstractFileSystem
 
-from wdsfs._direct import ALIGNMENT, BufferPool, DirectWriter, open_direct, pwrite_all
+from wdsfs._direct import (
+    ALIGNMENT,
+    READ_BLOCK,
+    BufferPool,
+    DirectWriter,
+    open_direct,
+    pwrite_all,
+    read_direct,
+)
 from wdsfs._fs import describe, is_local, is_transient, translate_error, url_to_fs
 from wdsfs._http_get import RangeGetter, RequestRefused
 from wdsfs._pool import PriorityPool
@@ -150,9 +158,11 @@ class Fetcher:
         progress: fsspec Callback (e.g. ``fsspec.callbacks.TqdmCallback``) receiving all bytes.
         backoff: Base seconds of the exponential retry backoff.
         direct_io: Write downloads with ``O_DIRECT`` where available, bypassing the page
-            cache: for shards fetched to be read later (prefetching a cache), whose pages would
-            only push out others. Off by default: a shard read right after its download (the
-            dataset's read-ahead) is then found in the page cache.
+            cache, and read the handle of a shard just downloaded the same way: for shards
+            fetched to be read later (prefetching a cache), whose pages would only push out
+            others, and where new page-cache pages cost more CPU than a fast disk's second
+            pass (see docs/concepts/cache.md). Off by default: a shard read right after its
+            download is then found in the page cache, and the disk sees its bytes once.
 
     No thread starts before the first download; :meth:`close` joins them.
     """
@@ -184,6 +194,7 @@ class Fetcher:
         self.backoff = backoff
         self.direct_io = direct_io
         self._buffers = BufferPool(2 * _MIN_CHUNK_SIZE, keep=max_workers)  # DirectWriter's
+        self._blocks = BufferPool(READ_BLOCK, keep=2)  # DirectReader's
         self._slices = {  # the range getter's, by direct I/O
             direct: BufferPool(size, keep=max_workers) for direct, size in _SLICE_SIZE.items()
         }
@@ -281,6 +292,8 @@ class Fetcher:
                     ) from exc
                 finally:
                     _remove(temp)
+                if direct:  # its pages are not in the page cache: read it as it was written
+                    handle = read_direct(handle, self._blocks)
                 self.metrics.shard_ready()
                 return FetchedShard(shard, handle, from_cache=False)
         return self._served(shard, handle)
