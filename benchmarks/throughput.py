@@ -15,8 +15,9 @@ imported torch (so its peak RSS is that of a training process's main process):
   StreamingWebDataset("s3://..."), batch_size=None)`` and ``batch_size=32`` with a trivial collate
   (the list of sample dicts) (``--batch-size``), an empty cache directory (cold), then the same
   directory again (warm, every shard from the cache);
-- ``wdsfs cold, direct I/O``: the cold epoch again with ``direct_io=True`` (downloads written
-  and read back with ``O_DIRECT``, see docs/concepts/cache.md), into another empty directory;
+- ``wdsfs cold`` / ``warm, direct I/O``: the same with ``direct_io=True`` (downloads written
+  and every shard read with ``O_DIRECT``, see docs/concepts/cache.md), in another directory:
+  its warm epochs read the disk, not the page cache;
 - ``tarfile local``: stdlib ``tarfile`` iterating the local copies (page cache warm),
   ``extractfile(m).read()`` for every member, grouped into sample dicts;
 - ``webdataset fsspec``: ``webdataset.WebDataset(urls, shardshuffle=False)`` over ``s3://`` URLs
@@ -340,6 +341,8 @@ def measure_case(
                 with tempfile.TemporaryDirectory(prefix="wdsfs-cache-", dir=workdir) as cache:
                     direct = {**spec, "cache_dir": cache, "direct_io": True}
                     add(f"wdsfs cold, direct I/O, {workers} workers{_batch(batch)}", direct)
+                    warm = {**direct, "passes": WARM_PASSES}
+                    add(f"wdsfs warm, direct I/O, {workers} workers{_batch(batch)}", warm)
         add("tarfile local, 0 workers", {"kind": "tarfile", "passes": WARM_PASSES})
         for batch in batch_sizes:
             for workers in (0, 2):

@@ -28,6 +28,7 @@ from tests.proxy import FaultProxy
 from tests.remotes import Remote, bucket_remote, memory_remote
 from tests.servers import FakeGCSServer, MotoS3Server
 from wdsfs._cli_args import parse_storage_option, storage_options_from
+from wdsfs._direct import read_direct
 from wdsfs.cache import ShardCache
 from wdsfs.cli import main
 from wdsfs.index import INDEX_NAME
@@ -485,6 +486,32 @@ def test_bench_reports_cold_then_warm(capsys: pytest.CaptureFixture[str]) -> Non
     assert [e[:2] for e in epochs] == [("1", "12"), ("2", "12")]
     assert all(float(e[2]) > 0 and float(e[3]) >= 0 for e in epochs)
     assert [e[5:] for e in epochs] == [("cold", "3", "0"), ("warm", "0", "3")]
+
+
+def test_bench_direct_io_reads_fresh_downloads_with_o_direct(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wdsfs.download
+
+    direct_reads = []
+
+    def counting(handle, pool):
+        reader = read_direct(handle, pool)
+        direct_reads.append(reader is not handle)
+        return reader
+
+    monkeypatch.setattr(wdsfs.download, "read_direct", counting)
+    cache = str(tmp_path / "cache")
+    with memory_remote() as remote:
+        write_dataset(remote.put, COUNTS)
+        code, out, err = run(
+            capsys, "bench", remote.url, "--epochs", "2", "--direct-io", "--cache-dir", cache
+        )
+    assert code == 0, err
+    epochs = [m.groups() for m in map(EPOCH.search, out.splitlines()) if m]
+    assert [e[:2] for e in epochs] == [("1", "12"), ("2", "12")]
+    assert [e[5:] for e in epochs] == [("cold", "3", "0"), ("warm", "0", "3")]
+    assert direct_reads == [hasattr(os, "O_DIRECT")] * 6  # 3 downloads, then 3 cache hits
 
 
 def test_bench_max_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -64,6 +64,7 @@ class BenchConfig:
     epochs: int
     max_samples: int | None
     decode: Mapping[str, str]
+    direct_io: bool = False
 
 
 class _Measured:
@@ -100,7 +101,15 @@ def _core_epochs(config: BenchConfig) -> Iterator[EpochStats]:
     shards = source.shards()
     cache = ShardCache(config.cache_dir, cache_limit=config.cache_limit)
     options = config.storage_options
-    with cache, Fetcher(cache, storage_options=options, max_workers=config.max_workers) as fetcher:
+    with (
+        cache,
+        Fetcher(
+            cache,
+            storage_options=options,
+            max_workers=config.max_workers,
+            direct_io=config.direct_io,
+        ) as fetcher,
+    ):
         for _ in range(config.epochs):
             before = fetcher.metrics.snapshot()
             epoch = _timed(_core_samples(fetcher, shards), measured, config.max_samples)
@@ -138,6 +147,7 @@ def _torch_epochs(config: BenchConfig) -> Iterator[EpochStats]:
         cache_dir=config.cache_dir,
         cache_limit=config.cache_limit,
         max_workers=config.max_workers,
+        direct_io=config.direct_io,
     )
     loader = DataLoader(dataset, batch_size=None, num_workers=config.num_workers)
     for epoch in range(config.epochs):

@@ -212,7 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_index(commands, [common, dataset])
     _add_prefetch(commands, [common, dataset, cache])
     _add_cache(commands, [common, cache], [common, _cache_options(with_limit=False)])
-    _add_bench(commands, [common, dataset, cache])
+    bench_cache = _cache_options(default_dir="a fresh temporary directory, removed at the end")
+    _add_bench(commands, [common, dataset, bench_cache])
     return parser
 
 
@@ -265,10 +266,14 @@ def _dataset_options() -> argparse.ArgumentParser:
     return dataset
 
 
-def _cache_options(*, with_limit: bool = True) -> argparse.ArgumentParser:
+def _cache_options(
+    *, with_limit: bool = True, default_dir: str | None = None
+) -> argparse.ArgumentParser:
     cache = argparse.ArgumentParser(add_help=False)
     cache.add_argument(
-        "--cache-dir", metavar="DIR", help=f"shard cache directory (default {default_cache_dir()})"
+        "--cache-dir",
+        metavar="DIR",
+        help=f"shard cache directory (default {default_dir or default_cache_dir()})",
     )
     if with_limit:
         cache.add_argument(
@@ -338,6 +343,12 @@ def _add_bench(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
         "--max-samples", type=_positive_int, metavar="M", help="stop each epoch after M samples"
     )
     sub.add_argument("--epochs", type=_positive_int, default=1, metavar="E", help="passes (1)")
+    sub.add_argument(
+        "--direct-io",
+        action="store_true",
+        help="write and read downloads with O_DIRECT, bypassing the page cache (as "
+        "StreamingWebDataset(direct_io=True)): compare with and without on your cache disk",
+    )
     sub.add_argument(
         "--decode",
         type=_decoder_item,

@@ -286,6 +286,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             max_samples=args.max_samples,
             decode=dict(args.decode or []),
+            direct_io=args.direct_io,
         )
         for number, epoch in enumerate(bench_epochs(config), start=1):
             print(_epoch_line(number, epoch))

@@ -91,11 +91,12 @@ class StreamingWebDataset(IterableDataset[Sample]):
         max_attempts: Tries for transient errors and integrity failures.
         verify: Check MD5s where known (sizes are always checked).
         chunk_size: Bytes per ranged read.
-        direct_io: Write each download with ``O_DIRECT`` and read it back the same way,
-            bypassing the page cache (cache hits are still read through it). Faster where new
-            page-cache pages are costly (virtual machines) and the cache's disk is fast (local
-            NVMe); slower where the disk is slower than the network (network volumes), whose
-            traffic it doubles. See docs/concepts/cache.md.
+        direct_io: Write each download with ``O_DIRECT`` and read shards from the cache the
+            same way, bypassing the page cache. Faster for datasets larger than memory, with
+            the cache on a fast local disk (NVMe) of a machine where new page-cache pages are
+            costly (virtual machines); slower where the disk is slower than the network
+            (network volumes), and for a dataset that fits in memory (later epochs read the
+            disk, not the page cache). See docs/concepts/cache.md.
 
     Raises:
         ValueError: An unknown decoder name, a bad size, or a bad option value.

@@ -158,11 +158,12 @@ class Fetcher:
         progress: fsspec Callback (e.g. ``fsspec.callbacks.TqdmCallback``) receiving all bytes.
         backoff: Base seconds of the exponential retry backoff.
         direct_io: Write downloads with ``O_DIRECT`` where available, bypassing the page
-            cache, and read the handle of a shard just downloaded the same way: for shards
-            fetched to be read later (prefetching a cache), whose pages would only push out
-            others, and where new page-cache pages cost more CPU than a fast disk's second
-            pass (see docs/concepts/cache.md). Off by default: a shard read right after its
-            download is then found in the page cache, and the disk sees its bytes once.
+            cache, and serve every cached shard on an ``O_DIRECT`` handle: for shards fetched
+            to be read later (prefetching a cache), whose pages would only push out others,
+            and for datasets larger than memory where new page-cache pages cost more CPU than
+            a fast disk's reads (see docs/concepts/cache.md). Off by default: a shard read
+            right after its download is then found in the page cache, the disk sees its
+            bytes once, and a dataset that fits in memory is read from it in later epochs.
 
     No thread starts before the first download; :meth:`close` joins them.
     """
@@ -241,7 +242,8 @@ class Fetcher:
             stop: An extra event that cancels this fetch only.
             priority: Lower is served first when several downloads share the connections
                 (default: the order of the calls).
-            direct_io: Override the fetcher's ``direct_io`` for this shard.
+            direct_io: Override the fetcher's ``direct_io`` for this shard (its download and
+                its handle).
 
         Raises:
             DownloadCancelled: A stop event was set.
@@ -271,7 +273,8 @@ class Fetcher:
         self._trim_once()
         shard = self._resolve(fs, path, shard, callback)
         key = self.cache.key(shard)
-        hit = self._hit(shard, key)
+        direct = self.direct_io if direct_io is None else direct_io
+        hit = self._hit(shard, key, direct)
         if hit is not None:
             return hit
         self.cache.check_fits(shard)
@@ -279,7 +282,6 @@ class Fetcher:
             handle = self.cache.open(key)  # another process may have just fetched it
             if handle is None:
                 shard = self._with_store_checksum(fs, path, shard, callback)
-                direct = self.direct_io if direct_io is None else direct_io
                 temp, _ = self._download_verified(
                     fs, path, shard, callback, self.cache.temp_path, order, direct
                 )
@@ -296,16 +298,18 @@ class Fetcher:
                     handle = read_direct(handle, self._blocks)
                 self.metrics.shard_ready()
                 return FetchedShard(shard, handle, from_cache=False)
-        return self._served(shard, handle)
+        return self._served(shard, handle, direct)
 
-    def _hit(self, shard: Shard, key: str) -> FetchedShard | None:
+    def _hit(self, shard: Shard, key: str, direct: bool) -> FetchedShard | None:
         handle = self.cache.open(key)
-        return None if handle is None else self._served(shard, handle)
+        return None if handle is None else self._served(shard, handle, direct)
 
-    def _served(self, shard: Shard, handle: IO[bytes]) -> FetchedShard:
+    def _served(self, shard: Shard, handle: IO[bytes], direct: bool) -> FetchedShard:
         self.metrics.add(hits=1, bytes_from_cache=shard.size or 0)
         self.metrics.shard_ready()
         logger.debug("cache hit %s", shard.url)
+        if direct:
+            handle = read_direct(handle, self._blocks)
         return FetchedShard(shard, handle, from_cache=True)
 
     def _cached(self, shard: Shard) -> FetchedShard | None:
@@ -319,7 +323,7 @@ class Fetcher:
             return None  # a HEAD first: that is fetch()'s job
         s3_gets(fs, max_idle=self.max_workers)  # a miss downloads next: its signer gets ready
         self._trim_once()
-        return self._hit(shard, self.cache.key(shard))
+        return self._hit(shard, self.cache.key(shard), self.direct_io)
 
     def _trim_once(self) -> None:
         """Apply ``cache_limit`` to what earlier runs left (once per fetcher and process)."""
