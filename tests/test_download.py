@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -281,3 +283,47 @@ def test_a_full_disk_during_a_download_is_a_cache_error(tmp_path):
         assert "s3://b/ds/shard-000000.tar" in str(error) and str(cache.directory) in str(error)
         throttled = OSError(errno.EBUSY, "SlowDown")  # s3fs's throttling: the storage, not disk
         assert not isinstance(fetcher._final_error(throttled, "s3://b/x.tar", 1), CacheError)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "direct-io"])
+def test_a_disk_that_fills_up_mid_download_loses_nothing(
+    s3_bucket, tmp_path, monkeypatch, direct_io
+):
+    """ENOSPC halfway through a shard: a CacheError naming the shard and the cache directory,
+    no temp file left, the shards already cached intact, and the same fetch works once there
+    is room again."""
+    from wdsfs.errors import CacheError
+
+    first, second = (random.Random(i).randbytes(3 * 1024 * 1024 + 777) for i in range(2))
+    s3_bucket.put("ds/shard-000000.tar", first)
+    s3_bucket.put("ds/shard-000001.tar", second)
+    shards = list_shards(s3_bucket.join("ds"), storage_options=s3_bucket.storage_options)
+    cache = ShardCache(tmp_path / "c")
+    options = dict(storage_options=s3_bucket.storage_options, chunk_size=1024 * 1024)
+    with Fetcher(cache, direct_io=direct_io, **options) as fetcher:
+        with fetcher.fetch(shards[0]) as fetched:
+            assert fetched.file.read() == first
+        real_pwrite, written = os.pwrite, [0]
+
+        def filling_pwrite(fd, data, offset):
+            if written[0] > 1024 * 1024:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            done = real_pwrite(fd, data, offset)
+            written[0] += done
+            return done
+
+        monkeypatch.setattr(os, "pwrite", filling_pwrite)
+        with pytest.raises(CacheError) as info:
+            fetcher.fetch(shards[1])
+        assert shards[1].url in str(info.value) and str(cache.directory) in str(info.value)
+        assert "No space left on device" in str(info.value)
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
+        leftovers = [p.name for p in (tmp_path / "c").rglob("*") if p.is_file()]
+        assert not [name for name in leftovers if "tmp" in name or name.endswith(".part")]
+        assert cache.keys() == [ShardCache.key(shards[0])]
+        with fetcher.fetch(shards[0]) as fetched:
+            assert fetched.from_cache and fetched.file.read() == first
+        with fetcher.fetch(shards[1]) as fetched:
+            assert not fetched.from_cache and fetched.file.read() == second
+    cache.close()
