@@ -12,11 +12,11 @@ its last block padded, and the file is cut to its size afterwards. Where ``O_DIR
 available (macOS, Windows, some filesystems) :func:`open_direct` returns None and the caller
 writes buffered as before.
 
-:class:`DirectReader` reads such a file back the same way, for a shard read once right after its
-download (the dataset's read-ahead with ``direct_io=True``): aligned blocks of ``O_DIRECT``
-reads into one reused buffer, from which the reader's bytes are copied, so no page-cache page is
-made for them. :func:`read_direct` turns an open handle into one, or returns it unchanged where
-the filesystem refuses ``O_DIRECT``.
+:class:`DirectReader` reads cached shards the same way (a fetcher with ``direct_io`` serves its
+downloads and cache hits on one, for a dataset larger than memory): aligned blocks of
+``O_DIRECT`` reads into one reused buffer, from which the reader's bytes are copied, so no
+page-cache page is made for them. :func:`read_direct` turns an open handle into one, or returns
+it unchanged where the filesystem refuses ``O_DIRECT``.
 """
 
 from __future__ import annotations
