@@ -413,6 +413,37 @@ def test_large_samples_cross_from_forked_workers_through_shared_memory(tmp_path:
         assert sorted(s["__key__"] for s in loader) == [s["__key__"] for s in expected]
 
 
+def _with_freeze_count(sample):
+    """A transform run in the workers: what gc.freeze() left frozen there."""
+    import gc
+
+    return {**sample, "frozen": gc.get_freeze_count()}
+
+
+@pytest.mark.parametrize("user_froze", [False, True], ids=["default", "user-froze"])
+def test_workers_fork_with_the_parents_objects_frozen(tmp_path: Path, user_froze) -> None:
+    """The parent's objects are out of the forked workers' collections (no copy of its whole
+    heap at their first full collection), and the parent gets its own objects back."""
+    import gc
+
+    keys = write(tmp_path / "ds", [4, 4])
+    dataset = StreamingWebDataset(
+        str(tmp_path / "ds"), cache_dir=str(tmp_path / "c"), transform=_with_freeze_count
+    )
+    loader = StreamingDataLoader(
+        dataset, batch_size=None, num_workers=2, multiprocessing_context="fork"
+    )
+    if user_froze:
+        gc.freeze()  # the user's own freeze: left as it is
+    try:
+        samples = list(loader)
+        assert (gc.get_freeze_count() > 0) == user_froze  # unfrozen, unless the user froze
+    finally:
+        gc.unfreeze()
+    assert {s["__key__"] for s in samples} == keys
+    assert all(s["frozen"] > 0 for s in samples)
+
+
 @pytest.mark.slow
 def test_spawned_workers_send_their_batches_inline(tmp_path: Path) -> None:
     root = tmp_path / "ds"
