@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from wdsfs._direct import (
     ALIGNMENT,
+    READ_BLOCK,
     BufferPool,
     DirectReader,
     DirectWriter,
@@ -241,3 +242,21 @@ def test_other_read_errors_are_raised(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "preadv", failing_preadv)
     with _direct_reader(path) as reader, pytest.raises(OSError, match="Input/output"):
         reader.read(1)
+
+
+@needs_direct_io
+@pytest.mark.parametrize("compress", [False, True], ids=["tar", "tar.gz"])
+def test_the_tar_reader_reads_the_same_samples_through_a_direct_reader(tmp_path, compress):
+    from tests.datasets import make_shard
+    from wdsfs.tar import read_samples
+
+    name = "shard.tar.gz" if compress else "shard.tar"
+    path = tmp_path / name
+    path.write_bytes(make_shard(0, 30, payload=5_000, compress=compress))
+    with open(path, "rb") as plain:
+        expected = list(read_samples(plain, url=str(path)))
+    with _direct_reader(path, block=READ_BLOCK) as reader:
+        assert list(read_samples(reader, url=str(path))) == expected
+    with _direct_reader(path) as reader:  # every 3rd sample: seeks past the others' members
+        picked = list(read_samples(reader, url=str(path), select=lambda i: i % 3 == 0))
+    assert picked == [s for s in expected if s[0] % 3 == 0]
