@@ -193,7 +193,7 @@ def child_wdsfs(spec: dict[str, Any]) -> dict[str, Any]:
         storage_options=spec["storage_options"],
         cache_dir=spec["cache_dir"],
         cache_limit=spec["cache_limit"],
-        direct_io=spec.get("direct_io", False),
+        direct_io=spec["direct_io"],
     )
     batch_size = spec.get("batch_size")
     loader = StreamingDataLoader(
@@ -326,23 +326,20 @@ def measure_case(
                     "passes": WARM_PASSES,
                 },
             )
-        for batch in batch_sizes:
-            for workers in (0, 2):
-                with tempfile.TemporaryDirectory(prefix="wdsfs-cache-", dir=workdir) as cache:
-                    spec = {
-                        "kind": "wdsfs",
-                        "cache_dir": cache,
-                        "num_workers": workers,
-                        "batch_size": batch,
-                    }
-                    add(f"wdsfs cold, {workers} workers{_batch(batch)}", spec)
-                    warm = {**spec, "passes": WARM_PASSES}
-                    add(f"wdsfs warm, {workers} workers{_batch(batch)}", warm)
-                with tempfile.TemporaryDirectory(prefix="wdsfs-cache-", dir=workdir) as cache:
-                    direct = {**spec, "cache_dir": cache, "direct_io": True}
-                    add(f"wdsfs cold, direct I/O, {workers} workers{_batch(batch)}", direct)
-                    warm = {**direct, "passes": WARM_PASSES}
-                    add(f"wdsfs warm, direct I/O, {workers} workers{_batch(batch)}", warm)
+        for batch, workers, mode in (
+            (b, w, m) for b in batch_sizes for w in (0, 2) for m in ("", "direct I/O, ")
+        ):
+            with tempfile.TemporaryDirectory(prefix="wdsfs-cache-", dir=workdir) as cache:
+                spec = {
+                    "kind": "wdsfs",
+                    "cache_dir": cache,
+                    "num_workers": workers,
+                    "batch_size": batch,
+                    "direct_io": bool(mode),
+                }
+                add(f"wdsfs cold, {mode}{workers} workers{_batch(batch)}", spec)
+                warm = {**spec, "passes": WARM_PASSES}
+                add(f"wdsfs warm, {mode}{workers} workers{_batch(batch)}", warm)
         add("tarfile local, 0 workers", {"kind": "tarfile", "passes": WARM_PASSES})
         for batch in batch_sizes:
             for workers in (0, 2):
