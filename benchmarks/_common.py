@@ -334,6 +334,39 @@ def machine_note() -> str:
     )
 
 
+_REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+_PROBE_BYTES = 256 * MiB
+
+
+def page_cache_note(directory: str | os.PathLike[str]) -> str:
+    """One line on what a new page-cache page costs here, the hour's main variable.
+
+    Writes and deletes ``_PROBE_BYTES`` of new data through the page cache in ``directory``
+    (where the caches go) and reports its system CPU per GB, and whether the kernel hands freed
+    memory back to a hypervisor (free page reporting: each new page is then faulted in again).
+    """
+    path = Path(directory, "page-cost-probe")
+    block = b"\1" * MiB
+    before = os.times()
+    with open(path, "wb") as f:
+        for _ in range(_PROBE_BYTES // MiB):
+            f.write(block)
+    after = os.times()
+    path.unlink()
+    per_gb = (after.system - before.system) * 1e9 / _PROBE_BYTES
+    try:
+        reported = (
+            "the kernel returns freed memory to the host (free page reporting, "
+            f"{int(_REPORTED_KIB.read_text()) / 2**20:.0f} GiB so far)"
+        )
+    except (OSError, ValueError):
+        reported = "no free page reporting to a host"
+    return (
+        f"page cache: a buffered write of new data costs {per_gb:.2f} s of system CPU per GB "
+        f"now; {reported}"
+    )
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table (readable as plain text too)."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]

@@ -47,6 +47,7 @@ from benchmarks._common import (
     child_main,
     machine_note,
     make_dataset,
+    page_cache_note,
     raw_ranged_read,
     raw_whole_read,
     run_child,
@@ -240,6 +241,7 @@ def main() -> None:
     )
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="wdsfs-bench-") as tmp, seaweedfs() as server:
+        print(page_cache_note(tmp))
         fs = s3_filesystem(server.storage_options)
         for shard_mb in args.shard_mb:
             rows += measure_case(

@@ -71,6 +71,7 @@ from benchmarks._common import (
     children_peak_rss_mb,
     machine_note,
     make_dataset,
+    page_cache_note,
     peak_rss_mb,
     raw_ranged_read,
     run_child,
@@ -494,6 +495,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="wdsfs-bench-") as tmp, seaweedfs() as server:
+        print(page_cache_note(tmp))
         fs = s3_filesystem(server.storage_options)
         for shard_mb in args.shard_mb:
             case_rows, refs = measure_case(
