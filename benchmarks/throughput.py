@@ -12,8 +12,8 @@ imported torch (so its peak RSS is that of a training process's main process):
   (after one ``fs.info``, as the dataset lists before reading): what time to first sample (TTFS)
   is compared with; the table shows the same read repeated on open connections too;
 - ``wdsfs cold`` / ``warm``, ``num_workers`` 0 and 2: ``StreamingDataLoader(
-  StreamingWebDataset("s3://..."), batch_size=None)`` and ``batch_size=32`` with a trivial collate
-  (the list of sample dicts) (``--batch-size``), an empty cache directory (cold), then the same
+  StreamingWebDataset("s3://..."), batch_size=None)`` and ``batch_size=32`` (``--batch-size``)
+  with torch's default collate (a dict of lists), an empty cache directory (cold), then the same
   directory again (warm, every shard from the cache);
 - ``wdsfs cold`` / ``warm, direct I/O``: the same with ``direct_io=True`` (downloads written
   and every shard read with ``O_DIRECT``, see docs/concepts/cache.md), in another directory:
@@ -107,6 +107,12 @@ def _consume(make_iter: Any, passes: int = 1) -> dict[str, Any]:
         for item in make_iter():
             if first is None:
                 first = time.perf_counter() - begun
+            if isinstance(item, dict) and isinstance(item["__key__"], list):  # default_collate
+                samples += len(item["__key__"])
+                payload += sum(
+                    len(v) for values in item.values() for v in values if isinstance(v, bytes)
+                )
+                continue
             for sample in item if isinstance(item, list) else (item,):
                 samples += 1
                 payload += sum(len(v) for v in sample.values() if isinstance(v, bytes | bytearray))
@@ -196,12 +202,8 @@ def child_wdsfs(spec: dict[str, Any]) -> dict[str, Any]:
         cache_limit=spec["cache_limit"],
         direct_io=spec["direct_io"],
     )
-    batch_size = spec.get("batch_size")
     loader = StreamingDataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=spec["num_workers"],
-        collate_fn=collate_list if batch_size else None,
+        dataset, batch_size=spec.get("batch_size"), num_workers=spec["num_workers"]
     )
     return _consume(lambda: loader, spec.get("passes", 1))
 

@@ -413,6 +413,108 @@ def test_large_samples_cross_from_forked_workers_through_shared_memory(tmp_path:
         assert sorted(s["__key__"] for s in loader) == [s["__key__"] for s in expected]
 
 
+def _slice_reads() -> int:
+    from wdsfs import _shared_rings
+
+    return sum(c.reads for rings in _shared_rings._OPEN.values() for c in rings.channels)
+
+
+def _epoch_and_slice_reads(dataset, **loader_kwargs):
+    """Every sample of an epoch (batches unbatched) and the file slices the main process read."""
+    loader = StreamingDataLoader(
+        dataset, num_workers=2, multiprocessing_context="fork", **loader_kwargs
+    )
+    samples, reads = [], 0
+    for batch in loader:
+        if isinstance(batch, dict) and isinstance(batch["__key__"], list):  # default_collate
+            batch = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["__key__"]))]
+        samples.extend(batch if isinstance(batch, list) else [batch])
+        reads = max(reads, _slice_reads())
+    return samples, reads
+
+
+def _same_sample(sample):
+    """A user's collate_fn for batch_size=None that returns the sample (wdsfs cannot know)."""
+    return sample
+
+
+def _tag(sample):
+    return {**sample, "tagged": True}
+
+
+class _Overriding(StreamingWebDataset):
+    """A subclass with its own ``__iter__`` (which could read any field)."""
+
+    def __iter__(self):
+        yield from super().__iter__()
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfds are Linux's")
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_workers_leave_fields_nobody_reads_in_the_shard_for_the_main_process(
+    tmp_path: Path, batch_size
+) -> None:
+    """With the default collate, a field no code of the worker reads crosses as a place in
+    the cached shard; the user gets the same bytes, and no descriptor is left open."""
+    import gc
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    write_dataset(lambda name, data: (root / name).write_bytes(data), [9, 8, 7], payload=60_000)
+    expected, _ = _samples_through(root, tmp_path / "c0", batch_size=4, num_workers=0)
+    gc.collect()
+    fds = set(os.listdir("/proc/self/fd"))
+
+    dataset = StreamingWebDataset(str(root), cache_dir=str(tmp_path / "c1"))
+    got, reads = _epoch_and_slice_reads(dataset, batch_size=batch_size)
+    assert reads == 24  # every sample's 60 KB "bin"
+    assert sorted(got, key=lambda s: s["__key__"]) == expected
+    assert all(type(s["bin"]) is bytes for s in got)
+    del dataset
+    gc.collect()
+    assert set(os.listdir("/proc/self/fd")) <= fds
+
+    # a decoded field is read in the worker (the others here are too small to leave)
+    dataset = StreamingWebDataset(str(root), cache_dir=str(tmp_path / "c1"), decode={"bin": len})
+    got, reads = _epoch_and_slice_reads(dataset, batch_size=batch_size)
+    assert reads == 0 and all(int(s["bin"]) == 60_000 for s in got)
+
+    # code that could read them in the worker: every field is read there
+    for cls, kwargs, loader_kwargs in (
+        (StreamingWebDataset, {"transform": _tag}, {}),
+        (_Overriding, {}, {}),
+        (StreamingWebDataset, {}, {"collate_fn": _same_sample if batch_size is None else list}),
+    ):
+        dataset = cls(str(root), cache_dir=str(tmp_path / "c1"), **kwargs)
+        got, reads = _epoch_and_slice_reads(dataset, batch_size=batch_size, **loader_kwargs)
+        assert reads == 0 and len(got) == 24
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfds are Linux's")
+def test_file_slices_keep_the_shuffle_and_its_byte_bound_exactly(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    root.mkdir()
+    write_dataset(lambda name, data: (root / name).write_bytes(data), [9, 8, 7], payload=20_000)
+
+    def order(collate_fn):
+        dataset = StreamingWebDataset(
+            str(root),
+            cache_dir=str(tmp_path / "c"),
+            shuffle=True,
+            seed=3,
+            buffer_size=6,
+            memory_buffer_limit=70_000,  # the byte bound holds fewer samples than the slots
+        )
+        kwargs = {"collate_fn": collate_fn} if collate_fn else {}
+        samples, reads = _epoch_and_slice_reads(dataset, batch_size=None, **kwargs)
+        return [s["__key__"] for s in samples], reads
+
+    sliced, reads = order(None)
+    read, no_reads = order(_same_sample)
+    assert reads > 0 and no_reads == 0
+    assert sliced == read
+
+
 def _with_freeze_count(sample):
     """A transform run in the workers: what gc.freeze() left frozen there."""
     import gc

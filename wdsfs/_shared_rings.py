@@ -16,6 +16,10 @@ that does not fit in the free part of the ring is pickled inline, as without rin
 never waits on the main process, and a batch that is never unpickled (an iterator dropped
 mid-epoch) costs ring space, not correctness.
 
+Each ring comes with a :class:`~wdsfs._file_slices.SliceChannel`: a sample field the worker did
+not read (a :class:`~wdsfs._file_slices.FileSlice`) crosses as a place in a shard file instead
+of through the ring, and the main process reads it from there.
+
 Only workers started by ``fork`` inherit the rings (memfds); with ``spawn`` or ``forkserver``
 batches travel as plain pickles, as they do where ``os.memfd_create`` does not exist.
 """
@@ -34,6 +38,9 @@ from collections.abc import Callable, Iterator
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from wdsfs import _file_slices as file_slices
+from wdsfs._file_slices import FileSlice, SliceChannel
+
 __all__ = ["BatchRings", "available"]
 
 #: Smaller objects cost less inline than the ring's bookkeeping.
@@ -42,6 +49,8 @@ MIN_BYTES = 8 * 1024
 _HEADER = 64  # the ring's first bytes: how far the main process has copied (native uint64)
 _COPIED = struct.Struct("Q")
 _LOCK_TIMEOUT = 10.0
+
+_SLICE = "slice"  # the tag of a file slice's persistent id (a ring's has no tag)
 
 _OPEN: dict[str, BatchRings] = {}  # in the main process: the rings its unpickling looks up
 
@@ -120,15 +129,21 @@ class _Ring:
 
 class _RingPickler(ForkingPickler):
     """Pickles like the DataLoader's own pickler (torch's reductions included), except that
-    large ``bytes`` and out-of-band buffers go into ``ring``."""
+    large ``bytes`` and out-of-band buffers go into ``ring`` and file slices through
+    ``channel``."""
 
-    def __init__(self, file: io.BytesIO, ring: _Ring) -> None:
+    def __init__(self, file: io.BytesIO, ring: _Ring, channel: SliceChannel) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
         self.ring = ring
+        self.channel = channel
         self.end: int | None = None
 
-    def persistent_id(self, obj: Any) -> tuple[int, int, bool] | None:
+    def persistent_id(self, obj: Any) -> tuple[Any, ...] | None:
         kind = type(obj)
+        if kind is FileSlice:
+            if not self.channel.send(obj.file):
+                return None  # pickled as its bytes (which may go into the ring)
+            return _SLICE, obj.file.token, obj.offset, obj.nbytes
         if kind is bytes:
             if len(obj) < MIN_BYTES:
                 return None
@@ -151,11 +166,15 @@ class _RingPickler(ForkingPickler):
 
 
 class _RingUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, ring: _Ring) -> None:
+    def __init__(self, file: io.BytesIO, ring: _Ring, channel: SliceChannel) -> None:
         super().__init__(file)
         self.ring = ring
+        self.channel = channel
 
     def persistent_load(self, pid: Any) -> Any:
+        if pid[0] == _SLICE:
+            _, token, offset, size = pid
+            return self.channel.read(token, offset, size)
         offset, size, writable = pid
         return self.ring.take(offset, size, writable)
 
@@ -172,6 +191,7 @@ class BatchRings:
         context = multiprocessing.get_context("fork")
         self.token = uuid.uuid4().hex
         self.rings = [_Ring(ring_bytes, context.Lock()) for _ in range(workers)]
+        self.channels = [SliceChannel() for _ in range(workers)]
         self.batches = 0  # main process: batches that came (partly) through the rings
         _OPEN[self.token] = self
 
@@ -180,6 +200,8 @@ class BatchRings:
         if _OPEN.pop(self.token, None) is not None:
             for ring in self.rings:
                 ring.close()
+            for channel in self.channels:
+                channel.close()
 
     def reduce(self, worker: int, factory: Callable[..., Any], batch: Any, *rest: Any) -> Any:
         """What a worker returns from ``__reduce__`` for ``factory(batch, *rest)``.
@@ -187,10 +209,12 @@ class BatchRings:
         ``batch`` is pickled through the worker's ring, ``rest`` (small values) inline.
         """
         ring = self.rings[worker]
+        released = file_slices.released()  # before the batch: none of its slices' files
         file = io.BytesIO()
-        pickler = _RingPickler(file, ring)
+        pickler = _RingPickler(file, ring, self.channels[worker])
         pickler.dump(batch)
-        return _unpack, (self.token, worker, file.getvalue(), pickler.end, factory, rest)
+        payload = file.getvalue()
+        return _unpack, (self.token, worker, payload, pickler.end, released, factory, rest)
 
 
 def _unpack(
@@ -198,18 +222,20 @@ def _unpack(
     worker: int,
     payload: bytes,
     end: int | None,
+    released: tuple[int, ...],
     factory: Callable[..., Any],
     rest: tuple[Any, ...],
 ) -> Any:
     rings = _OPEN.get(token)
     if rings is None:
         raise RuntimeError("a batch arrived through shared memory for a DataLoader that has ended")
-    ring = rings.rings[worker]
-    unpickler = _RingUnpickler(io.BytesIO(payload), ring)
+    ring, channel = rings.rings[worker], rings.channels[worker]
+    unpickler = _RingUnpickler(io.BytesIO(payload), ring, channel)
     batch = unpickler.load()
     if end is not None:
         ring.copied(end)
         rings.batches += 1
+    channel.release(released)
     return factory(batch, *rest)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from torch.utils.data import IterableDataset, get_worker_info
 
 from wdsfs._dist import rank_and_world_size, worker_and_count
+from wdsfs._file_slices import slicer
 from wdsfs._fs import parse_size
 from wdsfs._packs import packed
 from wdsfs.cache import DEFAULT_CACHE_LIMIT, ShardCache
@@ -42,6 +43,9 @@ __all__ = ["StreamingWebDataset"]
 logger = logging.getLogger(__name__)
 
 Sample = dict[str, Any]
+
+# the methods through which samples pass: a subclass that overrides one may read any field
+_SEES = ("__iter__", "_iterate", "process_sample")
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,11 @@ class StreamingWebDataset(IterableDataset[Sample]):
         self.pack_size_hint = 1
         """Samples a DataLoader worker yields at once, as one :class:`~wdsfs._packs.Pack`
         (set by StreamingDataLoader for ``batch_size=None``; 1: one by one)."""
+        self.file_slices_hint = 0
+        """In a forked DataLoader worker whose batches reach the main process through shared
+        memory (set by StreamingDataLoader while it forks them): fields of at least this many
+        bytes that no code reads in the worker travel as file slices (see
+        :mod:`wdsfs._file_slices`); 0: never."""
         # In shared memory, so DataLoader workers (persistent ones too) see set_epoch; a plain
         # int after ordinary pickling (see __getstate__).
         self._epoch: Any = multiprocessing.get_context().Value("q", 0, lock=False)
@@ -342,7 +351,12 @@ class StreamingWebDataset(IterableDataset[Sample]):
         fetcher = self.fetcher()
         start_item = work.state.item if work.state is not None else 0
         readahead = _Readahead(
-            fetcher, shards, [i.shard for i in work.items[start_item:]], self.prefetch
+            fetcher,
+            shards,
+            [i.shard for i in work.items[start_item:]],
+            self.prefetch,
+            self._sliced_fields(),
+            self.file_slices_hint,
         )
         stream = ReaderStream(
             work.items,
@@ -363,6 +377,24 @@ class StreamingWebDataset(IterableDataset[Sample]):
         finally:
             readahead.close()  # cancels downloads in flight, joins threads; state stays readable
 
+    def _sliced_fields(self) -> Callable[[str], bool] | None:
+        """Which fields this reader leaves unread, as file slices; None: all are read.
+
+        Only where the slices cannot meet code of the worker: no transform, no override of a
+        method that sees samples, and only the fields no decoder reads.
+        """
+        cls = type(self)
+        if (
+            not self.file_slices_hint
+            or self.direct_io
+            or self.transform is not None
+            or any(getattr(cls, name) is not getattr(StreamingWebDataset, name) for name in _SEES)
+            or get_worker_info() is None
+        ):
+            return None
+        decodes = self.decoder.decodes
+        return lambda field: not decodes(field)
+
     def loader_state(self) -> tuple[ReaderWork, ReaderState] | None:
         """The work and stream state of the reader iterating in this process, for the loader."""
         if self._active is None or self._active_work is None:
@@ -374,10 +406,18 @@ class _Readahead:
     """Fetches a reader's planned shards ahead of the reader; serves other shards on demand."""
 
     def __init__(
-        self, fetcher: Fetcher, shards: Sequence[Shard], planned: Sequence[int], window: int
+        self,
+        fetcher: Fetcher,
+        shards: Sequence[Shard],
+        planned: Sequence[int],
+        window: int,
+        sliced: Callable[[str], bool] | None = None,
+        slice_bytes: int = 0,
     ):
         self.fetcher = fetcher
         self.shards = shards
+        self.sliced = sliced  # fields left unread, as file slices of at least slice_bytes
+        self.slice_bytes = slice_bytes
         self.planned = collections.deque(planned)
         self.ahead = fetcher.fetch_ahead((shards[i] for i in planned), window=window)
         self._lock = threading.Lock()
@@ -405,9 +445,13 @@ class _Readahead:
                 return index >= start and (select is None or select(index))
 
         with self._get(shard) as fetched:
+            refer = None
+            if self.sliced is not None:
+                refer = slicer(fetched.file.fileno(), self.sliced, self.slice_bytes)
+            url = fetched.shard.url
             if stop is not None:
                 yield from read_samples(
-                    fetched.file, url=fetched.shard.url, select=wanted, stop=stop
+                    fetched.file, url=url, select=wanted, stop=stop, refer=refer
                 )
                 return
             seen = 0
@@ -417,7 +461,7 @@ class _Readahead:
                 seen = index + 1
                 return wanted is None or wanted(index)
 
-            yield from read_samples(fetched.file, url=fetched.shard.url, select=counting)
+            yield from read_samples(fetched.file, url=url, select=counting, refer=refer)
         listed = self.shards[shard].num_samples
         if listed is not None and seen != listed:
             # equalize= and num_samples trust the index: a wrong count must not pass silently

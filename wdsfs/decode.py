@@ -213,6 +213,11 @@ class Decoder:
             out[field] = value
         return out
 
+    def decodes(self, field: str) -> bool:
+        """Whether the spec changes the bytes of ``field`` (``"bytes"`` leaves them)."""
+        found = self._lookup(field)
+        return found is not None and found[0] is not _decode_bytes
+
     def _lookup(self, field: str) -> tuple[Callable[[bytes], object], str] | None:
         try:
             return self._cache[field]

@@ -28,11 +28,18 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, get_worker_info
-from torch.utils.data._utils.collate import default_collate, default_convert
+from torch.utils.data._utils.collate import (
+    collate,
+    default_collate,
+    default_collate_fn_map,
+    default_convert,
+)
 from torch.utils.data._utils.pin_memory import pin_memory
 
 from wdsfs import _shared_rings as shared_rings
+from wdsfs._file_slices import FileSlice
 from wdsfs._head_start import HeadStart
+from wdsfs._malloc import keep_freed_memory
 from wdsfs._packs import Pack
 from wdsfs._shared_rings import BatchRings
 from wdsfs.dataset import ReaderWork, StreamingWebDataset, _Resume
@@ -96,7 +103,20 @@ class _Tracked:
         return _Tracked(pinned, self.reader, self.state, self.items, self.samples, self.states)
 
 
-_PLAIN_TYPES = frozenset({bytes, str, int, float, bool, type(None)})
+# a file slice (see wdsfs._file_slices) is bytes once the main process has read it
+_PLAIN_TYPES = frozenset({bytes, str, int, float, bool, type(None), FileSlice})
+
+
+def _slices_as_bytes(batch: list[FileSlice], *, collate_fn_map: Any = None) -> list[FileSlice]:
+    return batch  # as default_collate leaves a batch of bytes: a list
+
+
+_COLLATE_FN_MAP = {**default_collate_fn_map, FileSlice: _slices_as_bytes}
+
+
+def _default_collate(batch: Any) -> Any:
+    """``default_collate``, which also leaves file slices as it leaves bytes: in a list."""
+    return collate(batch, collate_fn_map=_COLLATE_FN_MAP)
 
 
 def _convert_sample(sample: Any) -> Any:
@@ -111,14 +131,17 @@ class _TrackingCollate:
     """Wraps the user's collate_fn: same batch, plus the producing reader's state."""
 
     def __init__(self, collate_fn: Callable[[Any], Any], dataset: StreamingWebDataset) -> None:
-        self.collate_fn = collate_fn
+        self.default = collate_fn in (default_collate, _convert_sample)
+        """The collate is torch's (or ours for batch_size=None), which does not read bytes: the
+        workers may leave fields of samples unread (file slices)."""
+        self.collate_fn = _default_collate if collate_fn is default_collate else collate_fn
         self.dataset: StreamingWebDataset | None = dataset
         self.rings: BatchRings | None = None  # set while forking workers
 
     def __getstate__(self) -> dict[str, Any]:
         # workers use their own copy of the dataset (get_worker_info().dataset); spawned ones
         # cannot map the rings
-        return {"collate_fn": self.collate_fn, "dataset": None, "rings": None}
+        return {**self.__dict__, "dataset": None, "rings": None}
 
     def __call__(self, samples: Any) -> _Tracked:
         info = get_worker_info()
@@ -323,9 +346,14 @@ class StreamingDataLoader(DataLoader[Any]):
     def _get_iterator(self) -> Any:
         collate = self.collate_fn
         assert isinstance(collate, _TrackingCollate)
+        dataset = self.streaming_dataset
+        if self.num_workers > 0:
+            keep_freed_memory()  # the workers' batches arrive whole: keep their pages
         rings = None
         if self.num_workers > 0 and shared_rings.available(self.multiprocessing_context):
             rings = collate.rings = shared_rings.BatchRings(self.num_workers, self._ring_bytes())
+            if collate.default:
+                dataset.file_slices_hint = shared_rings.MIN_BYTES
         try:
             with _frozen_heap():
                 iterator = super()._get_iterator()  # forks the workers, which inherit the rings
@@ -335,6 +363,7 @@ class StreamingDataLoader(DataLoader[Any]):
             raise
         finally:
             collate.rings = None
+            dataset.file_slices_hint = 0
         if rings is not None:
             weakref.finalize(iterator, rings.close)
         _widen_result_pipe(iterator)

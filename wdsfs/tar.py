@@ -92,6 +92,8 @@ _MAGIC = (
 )
 
 Sample = dict[str, object]
+#: ``refer(field, file_offset, size)``: what stands for a member's data instead of its bytes.
+Refer = Callable[[str, int, int], object | None]
 #: What the reader accepts: any binary file object with ``read`` (``open(..., "rb")``, fsspec
 #: files, ``io.BytesIO``, raw streams).
 BinaryFile = IO[bytes] | io.RawIOBase | io.BufferedIOBase
@@ -105,6 +107,7 @@ def read_samples(
     select: Callable[[int], bool] | None = None,
     stop: int | None = None,
     strict_end: bool = False,
+    refer: Refer | None = None,
 ) -> Iterator[tuple[int, Sample]]:
     """Iterate over the samples of one tar shard, in tar order.
 
@@ -120,6 +123,9 @@ def read_samples(
             their bytes are skipped and they are not yielded.
         stop: Stop once sample ``stop - 1`` is complete, reading only one header past it.
         strict_end: Reject an archive without its end-of-archive zero blocks.
+        refer: In an uncompressed shard on a seekable file, called with the field, the file
+            offset and the size of each selected member's data; what it returns, unless None,
+            stands for the data in the sample, and the data is seeked over unread.
 
     Returns:
         An iterator of ``(index, sample)``: ``index`` counts samples in the shard from 0; a
@@ -140,7 +146,7 @@ def read_samples(
         raise ValueError(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
     if compression == "zstd":
         zstd_factory()  # fail now, with the install hint
-    return _read(fileobj, url, compression, select, stop, strict_end)
+    return _read(fileobj, url, compression, select, stop, strict_end, refer)
 
 
 def count_samples(fileobj: BinaryFile, *, url: str, compression: str | None = None) -> int:
@@ -185,6 +191,7 @@ def _read(
     select: Callable[[int], bool] | None,
     stop: int | None,
     strict_end: bool,
+    refer: Refer | None,
 ) -> Iterator[tuple[int, Sample]]:
     if stop == 0:
         return
@@ -208,7 +215,7 @@ def _read(
         raw = Decompressing(source, decompressor_factory(compression), head, url, compression)
         stream = wrapper = io.BufferedReader(raw, 1 << 18)
         head = b""
-    parser = _Parser(stream, url, head, seekable)
+    parser = _Parser(stream, url, head, seekable, refer if compression == "none" else None)
     try:
         yield from parser.samples(select, stop, strict_end)
         if parser.complete and wrapper is not None and compression != "none":
@@ -222,12 +229,15 @@ def _read(
 class _Parser:
     """One pass over one tar stream; tracks the tar-stream offset for error messages."""
 
-    def __init__(self, stream: IO[bytes], url: str, head: bytes, seekable: bool) -> None:
+    def __init__(
+        self, stream: IO[bytes], url: str, head: bytes, seekable: bool, refer: Refer | None
+    ) -> None:
         self.stream = stream
         self.read = stream.read
         self.url = url
         self.head = head
         self.seekable = seekable
+        self.refer = refer if seekable else None
         self.start = stream.tell() - len(head) if seekable else 0
         self.seeked = False
         self.offset = 0  # tar-stream offset of the next unread byte
@@ -243,6 +253,7 @@ class _Parser:
         """The grouping loop: members -> samples."""
         url = self.url
         read = self.read
+        refer = self.refer
         seen: set[str] = set()
         cur_key: str | None = None
         sample: Sample | None = None
@@ -281,13 +292,20 @@ class _Parser:
                 if sample is not None:
                     if ext in sample:
                         raise self.error(f"duplicate field {ext!r} in sample {key!r}", hoff, name)
-                    data = read(size)
-                    if len(data) != size:
-                        data = _read_more(read, data, size)
+                    stand_in = None
+                    if refer is not None:
+                        stand_in = refer(ext, self.start + self.offset, size)
+                    if stand_in is not None:
+                        sample[ext] = stand_in
+                        self.skip(size, hoff, name)
+                    else:
+                        data = read(size)
                         if len(data) != size:
-                            raise self.truncated(hoff, name, size, len(data))
-                    sample[ext] = data
-                    self.offset += size
+                            data = _read_more(read, data, size)
+                            if len(data) != size:
+                                raise self.truncated(hoff, name, size, len(data))
+                        sample[ext] = data
+                        self.offset += size
                 else:
                     if ext in fields:
                         raise self.error(f"duplicate field {ext!r} in sample {key!r}", hoff, name)
