@@ -363,8 +363,31 @@ def page_cache_note(directory: str | os.PathLike[str]) -> str:
         reported = "no free page reporting to a host"
     return (
         f"page cache: a buffered write of new data costs {per_gb:.2f} s of system CPU per GB "
-        f"now; {reported}"
+        f"now; {reported}{_damon_pageout()}"
     )
+
+
+_DAMON = Path("/sys/kernel/mm/damon/admin/kdamonds")
+
+
+def _damon_pageout() -> str:
+    """Whether DAMON pages out memory left unused for a while (page cache of the shard cache
+    included: a 'warm' epoch then reads such shards from the disk)."""
+    ages = []
+    for scheme in _DAMON.glob("*/contexts/*/schemes/*/"):  # directories only
+        context = scheme.parent.parent
+        try:
+            if (context.parent.parent / "state").read_text().strip() != "on":
+                continue
+            if (scheme / "action").read_text().strip() == "pageout":
+                aggregation_us = int((context / "monitoring_attrs/intervals/aggr_us").read_text())
+                min_age = int((scheme / "access_pattern/age/min").read_text())
+                ages.append(min_age * aggregation_us / 1e6)
+        except (OSError, ValueError):
+            continue
+    if not ages:
+        return ""
+    return f"; DAMON pages out memory unused for {min(ages):.0f} s"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

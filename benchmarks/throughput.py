@@ -492,7 +492,8 @@ def main() -> None:
     print(
         "each figure from a fresh process with torch imported; best of "
         f"{args.repeat}; MB = 10^6 bytes of shard data; batch sizes "
-        f"{', '.join(str(b) for b in batch_sizes)} (batches are lists of sample dicts)"
+        f"{', '.join(str(b) for b in batch_sizes)} (wdsfs batches: torch's default collate; "
+        "the others': lists of sample dicts)"
     )
     rows: list[dict[str, Any]] = []
     lines: list[str] = []
