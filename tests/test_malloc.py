@@ -43,9 +43,8 @@ def test_freed_batches_stay_mapped_for_the_next_ones():
 
 
 def test_the_users_own_malloc_tuning_is_left_alone():
-    applied, faults = probe(MALLOC_TRIM_THRESHOLD_="131072")
+    applied, _ = probe(MALLOC_TRIM_THRESHOLD_="131072")
     assert applied == "False False"
-    assert faults > 20_000  # glibc's default behaviour: each batch faults its pages again
 
 
 def test_once_per_process(monkeypatch):
