@@ -442,6 +442,24 @@ def _tag(sample):
     return {**sample, "tagged": True}
 
 
+class _TaggingInIter(StreamingWebDataset):
+    """A subclass that post-processes samples in its own ``__iter__``."""
+
+    def __iter__(self):
+        return map(_tag, super().__iter__())
+
+
+def test_a_subclass_with_its_own_iter_gets_samples_not_packs(tmp_path: Path) -> None:
+    keys = write(tmp_path / "ds", [5, 4])
+    dataset = _TaggingInIter(str(tmp_path / "ds"), cache_dir=str(tmp_path / "c"))
+    loader = StreamingDataLoader(
+        dataset, batch_size=None, num_workers=2, multiprocessing_context="fork"
+    )
+    assert loader.pack_size == 1
+    samples = list(loader)
+    assert {s["__key__"] for s in samples} == keys and all(s["tagged"] for s in samples)
+
+
 class _Overriding(StreamingWebDataset):
     """A subclass with its own ``__iter__`` (which could read any field)."""
 

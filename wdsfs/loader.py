@@ -219,6 +219,8 @@ class StreamingDataLoader(DataLoader[Any]):
         batch_size: Samples per batch (``None``: no batching, samples one by one).
         pack_size: With ``batch_size=None`` and workers: samples a worker sends at once
             (1: one by one, as torch does; more saves the main process ~100 us a sample).
+            Always 1 for a dataset class that overrides ``__iter__``, which then gets
+            samples from ``super().__iter__()`` one by one.
         **kwargs: Any other DataLoader argument.
     """
 
@@ -248,7 +250,10 @@ class StreamingDataLoader(DataLoader[Any]):
             **kwargs,
         )
         dataset.batch_size_hint = batch_size or 1
-        self.pack_size = pack_size if batch_size is None and self.num_workers > 0 else 1
+        # a subclass's own __iter__ sees what the base one yields: samples, never packs
+        own_iter = type(dataset).__iter__ is not StreamingWebDataset.__iter__
+        packs = batch_size is None and self.num_workers > 0 and not own_iter
+        self.pack_size = pack_size if packs else 1
         dataset.pack_size_hint = self.pack_size
         self._states: dict[int, ReaderState] = {}
         self._items: dict[int, list[list[int | None]]] = {}
