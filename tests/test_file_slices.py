@@ -47,7 +47,7 @@ def shard(tmp_path):
 
 def sliced_samples(path, fields=lambda field: field == "bin", min_bytes=8192):
     with open(path, "rb") as f:
-        refer = slicer(f.fileno(), fields, min_bytes)
+        refer = slicer(f.fileno(), fields=fields, min_bytes=min_bytes)
         return list(read_samples(f, url=str(path), refer=refer))
 
 
@@ -88,7 +88,7 @@ def test_no_slices_where_offsets_are_not_the_files(shard, tmp_path):
 
     stream = Unseekable(shard.read_bytes())
     with open(shard, "rb") as f:
-        refer = slicer(f.fileno(), lambda field: True, 0)
+        refer = slicer(f.fileno(), fields=lambda field: True, min_bytes=0)
         assert all(type(s["bin"]) is bytes for _, s in read_samples(stream, url="u", refer=refer))
 
 

@@ -97,7 +97,7 @@ class FileSlice:
 
 
 def slicer(
-    fileno: int, fields: Callable[[str], bool], min_bytes: int
+    fileno: int, *, fields: Callable[[str], bool], min_bytes: int
 ) -> Callable[[str, int, int], FileSlice | None]:
     """The ``refer`` of :func:`wdsfs.tar.read_samples` for the shard open as ``fileno``:
     a slice for each member of at least ``min_bytes`` whose field ``fields`` accepts."""

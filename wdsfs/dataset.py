@@ -14,6 +14,7 @@ once per epoch across all ranks and workers.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import multiprocessing
 import threading
@@ -36,7 +37,7 @@ from wdsfs.plan import ReaderId, WorkItem, equalize_quotas, plan_epoch
 from wdsfs.shard import Shard
 from wdsfs.source import Source
 from wdsfs.stream import ReaderState, ReaderStream, reader_seed
-from wdsfs.tar import read_samples
+from wdsfs.tar import Refer, read_samples
 
 __all__ = ["StreamingWebDataset"]
 
@@ -355,8 +356,7 @@ class StreamingWebDataset(IterableDataset[Sample]):
             shards,
             [i.shard for i in work.items[start_item:]],
             self.prefetch,
-            self._sliced_fields(),
-            self.file_slices_hint,
+            self._slicing(),
         )
         stream = ReaderStream(
             work.items,
@@ -377,8 +377,10 @@ class StreamingWebDataset(IterableDataset[Sample]):
         finally:
             readahead.close()  # cancels downloads in flight, joins threads; state stays readable
 
-    def _sliced_fields(self) -> Callable[[str], bool] | None:
-        """Which fields this reader leaves unread, as file slices; None: all are read.
+    def _slicing(self) -> Callable[[int], Refer] | None:
+        """How this reader leaves fields unread, as file slices: the ``refer`` of
+        :func:`~wdsfs.tar.read_samples` for a shard open as a file descriptor; None: all are
+        read.
 
         Only where the slices cannot meet code of the worker: no transform, no override of a
         method that sees samples, and only the fields no decoder reads.
@@ -393,7 +395,9 @@ class StreamingWebDataset(IterableDataset[Sample]):
         ):
             return None
         decodes = self.decoder.decodes
-        return lambda field: not decodes(field)
+        return functools.partial(
+            slicer, fields=lambda field: not decodes(field), min_bytes=self.file_slices_hint
+        )
 
     def loader_state(self) -> tuple[ReaderWork, ReaderState] | None:
         """The work and stream state of the reader iterating in this process, for the loader."""
@@ -411,13 +415,11 @@ class _Readahead:
         shards: Sequence[Shard],
         planned: Sequence[int],
         window: int,
-        sliced: Callable[[str], bool] | None = None,
-        slice_bytes: int = 0,
+        slicing: Callable[[int], Refer] | None = None,
     ):
         self.fetcher = fetcher
         self.shards = shards
-        self.sliced = sliced  # fields left unread, as file slices of at least slice_bytes
-        self.slice_bytes = slice_bytes
+        self.slicing = slicing  # a shard's file descriptor -> its refer (file slices)
         self.planned = collections.deque(planned)
         self.ahead = fetcher.fetch_ahead((shards[i] for i in planned), window=window)
         self._lock = threading.Lock()
@@ -445,9 +447,7 @@ class _Readahead:
                 return index >= start and (select is None or select(index))
 
         with self._get(shard) as fetched:
-            refer = None
-            if self.sliced is not None:
-                refer = slicer(fetched.file.fileno(), self.sliced, self.slice_bytes)
+            refer = self.slicing(fetched.file.fileno()) if self.slicing is not None else None
             url = fetched.shard.url
             if stop is not None:
                 yield from read_samples(
