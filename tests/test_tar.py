@@ -23,7 +23,15 @@ from hypothesis import strategies as st
 from webdataset import tariterators
 
 from wdsfs.errors import CorruptShardError
-from wdsfs.tar import COMPRESSIONS, TAR_SUFFIXES, _split, count_samples, read_samples
+from wdsfs.tar import (
+    COMPRESSIONS,
+    TAR_SUFFIXES,
+    _Parser,
+    _plain_header,
+    _split,
+    count_samples,
+    read_samples,
+)
 
 URL = "s3://bucket/ds/shard-000000.tar"
 
@@ -477,6 +485,55 @@ def test_signed_checksum_and_base256_size() -> None:
     block[148:156] = b"%06o\0 " % sum(block)
     data[:512] = block
     assert_corrupt(bytes(data), "negative")
+
+
+def test_plain_headers_take_the_fast_path() -> None:
+    for fmt in (tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT):
+        data = make_tar([("dir/a.seg.png", b"x" * 700), ("b" * 100, b"")], fmt=fmt)
+        assert _plain_header(data[:512]) == ("dir/a.seg.png", 700)
+        assert _plain_header(data[1536:2048]) == ("b" * 100, 0)  # a name of all 100 bytes
+    assert _plain_header(bytes(512)) is None  # zero block
+    v7_dir = bytearray(make_tar([("d/", b"")])[:512])  # a v7 directory: type NUL, name "d/"
+    v7_dir[156] = 0
+    v7_dir[148:156] = b" " * 8
+    v7_dir[148:156] = b"%06o\0 " % sum(v7_dir)
+    assert _plain_header(bytes(v7_dir)) is None
+    assert _Parser(io.BytesIO(), URL, b"", True, None).header(bytes(v7_dir), 0)[1] == 0x35
+    assert _plain_header(make_tar([("a.txt", b"1")])[:511]) is None
+
+
+_FIELD_BYTES = st.sampled_from([0, 0x20, 0x2F, 0x30, 0x35, 0x37, 0x38, 0x2D, 0x80, 0xFF, 0x61])
+
+
+@given(
+    st.sampled_from([tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT]),
+    st.lists(
+        st.tuples(st.sampled_from([*range(0, 6), 99, *range(124, 157), 345, 346]), _FIELD_BYTES),
+        max_size=4,
+    ),
+    st.booleans(),
+)
+@settings(max_examples=400)
+def test_the_fast_path_agrees_with_the_full_header_parser(
+    fmt: int, changes: list[tuple[int, int]], fix_checksum: bool
+) -> None:
+    """Whatever a header holds, the fast path gives the full parser's (name, size) or None."""
+    block = bytearray(make_tar([("k/sample.jpg", b"x" * 1300)], fmt=fmt)[:512])
+    for offset, value in changes:
+        block[offset] = value
+    if fix_checksum:
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\0 " % sum(block)
+    plain = _plain_header(bytes(block))
+    parser = _Parser(io.BytesIO(), URL, b"", True, None)
+    try:
+        name, flag, size = parser.header(bytes(block), 0)
+    except CorruptShardError:
+        assert plain is None
+        return
+    if plain is not None:
+        assert flag in b"0\0"
+        assert plain == (name, size)
 
 
 def pax_header(records: dict[str, str]) -> bytes:
