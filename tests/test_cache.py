@@ -386,3 +386,58 @@ def test_a_forked_child_never_releases_its_parents_claim(tmp_path):
     cache.release_claim(key)
     assert cache.claim(key)  # free again
     cache.release_claim(key)
+
+
+def _small_disk(monkeypatch, directory: Path, capacity: int) -> None:
+    """Make the cache see a disk of ``capacity`` bytes holding only ``directory``'s files."""
+    import shutil
+
+    import wdsfs.cache
+
+    def disk_usage(path):
+        used = sum(
+            os.stat(os.path.join(root, name)).st_size
+            for root, _dirs, files in os.walk(directory)
+            for name in files
+        )
+        return shutil._ntuple_diskusage(capacity, used, max(0, capacity - used))
+
+    monkeypatch.setattr(wdsfs.cache.shutil, "disk_usage", disk_usage)
+
+
+def test_a_disk_smaller_than_cache_limit_evicts_to_make_room(
+    memory_remote, tmp_path, monkeypatch, caplog
+):
+    """cache_limit above what the disk holds: least-recently-used shards make room, with one
+    warning; every shard is read whole, and the cache keeps the newest that fit."""
+    payloads = [os.urandom(3 * MiB) for _ in range(8)]
+    for i, payload in enumerate(payloads):
+        memory_remote.put(f"shard-{i:06d}.tar", payload)
+    shards = list_shards(memory_remote.url)
+    cache = ShardCache(tmp_path / "c", cache_limit="1GB")
+    _small_disk(monkeypatch, tmp_path / "c", capacity=64 * MiB + 10 * MiB)
+    with caplog.at_level("WARNING", logger="wdsfs.cache"), Fetcher(cache) as fetcher:
+        for fetched, payload in zip(fetcher.fetch_ahead(shards, window=0), payloads, strict=True):
+            with fetched:
+                assert fetched.file.read() == payload
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "full before cache_limit" in warnings[0], warnings
+    assert str(cache.directory) in warnings[0]
+    keys = cache.keys()
+    assert 1 <= len(keys) <= 3
+    assert all(any(s.url in k for s in shards[-3:]) for k in keys)
+    cache.close()
+
+
+def test_a_disk_without_room_for_a_shard_is_a_clear_error(memory_remote, tmp_path, monkeypatch):
+    memory_remote.put("shard-000000.tar", b"x" * 3 * MiB)
+    (shard,) = list_shards(memory_remote.url)
+    cache = ShardCache(tmp_path / "c", cache_limit="1GB")
+    _small_disk(monkeypatch, tmp_path / "c", capacity=64 * MiB + 2 * MiB)
+    with Fetcher(cache) as fetcher, pytest.raises(CacheError) as info:
+        fetcher.fetch(shard)
+    message = str(info.value)
+    assert shard.url in message and str(cache.directory) in message
+    assert "not enough free disk" in message and "64 MiB margin" in message
+    assert not list((tmp_path / "c" / "tmp").iterdir())
+    cache.close()

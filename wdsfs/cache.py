@@ -13,7 +13,8 @@ machine that uses the same ``cache_dir`` shares it safely:
 - readers hold an open file handle: eviction unlinks the file but never breaks a reader that has
   it open (POSIX semantics);
 - eviction is least-recently-used, run after each commit until the volume is under
-  ``cache_limit``; a shard larger than the whole limit is refused with :class:`CacheError`;
+  ``cache_limit``, and before a download until the disk has room for it (a disk smaller
+  than the limit); a shard larger than the whole limit is refused with :class:`CacheError`;
 - the sample count of every shard read to its end is remembered (beside the shards, under the
   same key, never evicted with them), so ``num_samples`` is known after one epoch even
   without an ``index.wds``.
@@ -29,7 +30,7 @@ import shutil
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -112,6 +113,7 @@ class ShardCache:
         self._open_lock = threading.Lock()
         self._held = threading.local()  # depth of this thread's open session()s
         self._claims: dict[str, tuple[int, int]] = {}  # key -> (pid, fd holding its flock)
+        self._warned_full_disk = False
 
     def __repr__(self) -> str:
         return f"ShardCache({self.directory!r}, cache_limit={self.cache_limit})"
@@ -306,10 +308,15 @@ class ShardCache:
             return int(db.clear())
 
     def check_fits(self, shard: Shard) -> None:
-        """Refuse a shard that can never fit, or that the disk has no room for.
+        """Refuse a shard that can never fit; make room on the disk for one that can.
+
+        The disk must have room for the shard and a margin of 64 MiB. Where it has not (a disk
+        smaller than ``cache_limit``, or filled by others), least-recently-used shards are
+        evicted until it has, below ``cache_limit`` (a warning says so the first time).
 
         Raises:
-            CacheError: The shard is larger than ``cache_limit`` or than the free disk space.
+            CacheError: The shard is larger than ``cache_limit``, or the disk has no room for it
+                even with every shard evicted.
         """
         if shard.size is None:
             return
@@ -319,13 +326,34 @@ class ShardCache:
                 f"bytes; raise cache_limit above the largest shard",
                 url=shard.url,
             )
-        free = shutil.disk_usage(Path(self.directory, "tmp")).free
-        if free < shard.size + _DISK_MARGIN:
+        needed = shard.size + _DISK_MARGIN
+        if self._free_disk() >= needed:
+            return
+        evicted = self._evict(keep="", enough=lambda _: self._free_disk() >= needed)
+        free = self._free_disk()
+        if evicted:
+            log = logger.debug if self._warned_full_disk else logger.warning
+            self._warned_full_disk = True
+            log(
+                "the disk of the shard cache %s is full before cache_limit (%d bytes): evicted "
+                "%d least-recently-used shards to make room for %s",
+                self.directory,
+                self.cache_limit,
+                evicted,
+                shard.url,
+            )
+        if free < needed:
             raise CacheError(
-                f"{shard.url}: not enough free disk for {shard.size} bytes in {self.directory} "
-                f"({free} bytes free); free space or lower cache_limit",
+                f"{shard.url}: not enough free disk in {self.directory} for this shard of "
+                f"{shard.size} bytes: {free} bytes free, {needed} needed (the shard and a "
+                f"{_DISK_MARGIN // 2**20} MiB margin), with every cached shard evicted (a shard "
+                f"a reader has open frees its space when closed); free disk space, or use a "
+                f"cache_dir on a larger disk",
                 url=shard.url,
             )
+
+    def _free_disk(self) -> int:
+        return shutil.disk_usage(Path(self.directory, "tmp")).free
 
     def temp_path(self) -> str:
         """A fresh temp file path inside the cache directory (same filesystem: atomic rename)."""
@@ -350,7 +378,7 @@ class ShardCache:
         if final is not None:
             handle.close()
             handle = final
-        self._evict(keep=key)
+        self._evict(keep=key, enough=self._under_limit)
         return handle
 
     def trim(self) -> None:
@@ -360,22 +388,29 @@ class ShardCache:
         was filled (the fetcher calls it before its first fetch). Handles already open on
         evicted shards stay readable.
         """
-        self._evict(keep="")
+        self._evict(keep="", enough=self._under_limit)
 
-    def _evict(self, keep: str) -> None:
-        """Evict least-recently-used shards but ``keep``, one at a time, until under the limit.
+    def _under_limit(self, db: diskcache.Cache) -> bool:
+        return bool(db.volume() <= self.cache_limit)
 
-        (diskcache's own ``cull`` evicts in batches of ten and may drop the entry just written.)
+    def _evict(self, keep: str, enough: Callable[[diskcache.Cache], bool]) -> int:
+        """Evict least-recently-used shards but ``keep``, one at a time, until ``enough(db)``.
+
+        Returns how many were evicted. (diskcache's own ``cull`` evicts in batches of ten and
+        may drop the entry just written.)
         """
+        evicted = 0
         with self._session() as db:
-            while db.volume() > self.cache_limit:
+            while not enough(db):
                 rows = db._sql(
                     "SELECT key FROM Cache WHERE key != ? ORDER BY access_time LIMIT 1", (keep,)
                 ).fetchall()
                 if not rows:
-                    return
-                logger.debug("evicting %s to stay under %d bytes", rows[0][0], self.cache_limit)
+                    break
+                logger.debug("evicting %s", rows[0][0])
                 db.delete(rows[0][0])
+                evicted += 1
+        return evicted
 
     def _lock_path(self, key: str) -> str:
         self._db  # noqa: B018 - the locks directory exists
