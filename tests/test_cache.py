@@ -390,7 +390,7 @@ def test_a_forked_child_never_releases_its_parents_claim(tmp_path):
 
 def _small_disk(monkeypatch, directory: Path, capacity: int) -> None:
     """Make the cache see a disk of ``capacity`` bytes holding only ``directory``'s files."""
-    import shutil
+    import types
 
     import wdsfs.cache
 
@@ -400,7 +400,7 @@ def _small_disk(monkeypatch, directory: Path, capacity: int) -> None:
             for root, _dirs, files in os.walk(directory)
             for name in files
         )
-        return shutil._ntuple_diskusage(capacity, used, max(0, capacity - used))
+        return types.SimpleNamespace(total=capacity, used=used, free=max(0, capacity - used))
 
     monkeypatch.setattr(wdsfs.cache.shutil, "disk_usage", disk_usage)
 
