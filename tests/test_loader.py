@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from tests.datasets import make_shard, sample_key, write_dataset
 from wdsfs import StreamingDataLoader, StreamingWebDataset
+from wdsfs._packs import ends_pack
 from wdsfs.errors import StateMismatchError
 
 pytestmark = pytest.mark.torch
@@ -141,8 +143,9 @@ def test_workers_send_unbatched_samples_in_packs(tmp_path):
     write(root, [6, 6])
     loader = make_sample_loader(root, tmp_path / "c", num_workers=2, pack_size=3, shuffle=False)
     assert loader.pack_size == 3 and loader.batch_size is None
-    # each worker's samples come in runs of 3: reader 0 reads shard 0, reader 1 shard 1
-    runs = [(0, range(3)), (1, range(3)), (0, range(3, 6)), (1, range(3, 6))]
+    # reader 0 reads shard 0, reader 1 shard 1; packs end after a reader's 1st, 2nd, 3rd, 6th
+    runs = [(0, [0]), (1, [0]), (0, [1]), (1, [1]), (0, [2]), (1, [2])]
+    runs += [(0, [3, 4, 5]), (1, [3, 4, 5])]
     assert list(loader) == [sample_key(shard, i) for shard, indices in runs for i in indices]
     one_by_one = make_sample_loader(root, tmp_path / "c", num_workers=2, pack_size=1, shuffle=False)
     assert list(one_by_one) == [sample_key(i % 2, i // 2) for i in range(12)]  # as torch's
@@ -150,6 +153,45 @@ def test_workers_send_unbatched_samples_in_packs(tmp_path):
     assert batched.pack_size == 1  # batches travel as they are
     with pytest.raises(ValueError, match="pack_size"):
         make_sample_loader(root, tmp_path / "c", num_workers=2, pack_size=0)
+
+
+def test_packs_grow_from_one_sample_to_pack_size():
+    ends = [n for n in range(1, 100) if ends_pack(n, 32)]
+    assert ends == [1, 2, 4, 8, 16, 32, 64, 96]  # packs of 1, 1, 2, 4, 8, 16, then 32
+    assert [n for n in range(1, 30) if ends_pack(n, 10)] == [1, 2, 4, 8, 10, 20]
+    assert all(ends_pack(n, 1) for n in range(1, 10))
+
+
+class _WaitsAfterFirst:
+    """A transform: a worker's samples after its first wait until ``flag`` exists."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag, self.seen = flag, 0
+
+    def __call__(self, sample):
+        self.seen += 1
+        if self.seen > 1:
+            for _ in range(500):  # 10 s, then the loader fails
+                if self.flag.exists():
+                    return sample
+                time.sleep(0.02)
+            raise TimeoutError("the first sample never reached the main process")
+        return sample
+
+
+def test_a_worker_sends_its_first_sample_without_waiting_for_a_full_pack(tmp_path):
+    root = tmp_path / "ds"
+    write(root, [40])
+    flag = tmp_path / "first-received"
+    dataset = StreamingWebDataset(
+        str(root), cache_dir=str(tmp_path / "c"), transform=_WaitsAfterFirst(flag)
+    )
+    loader = StreamingDataLoader(dataset, batch_size=None, num_workers=1, pack_size=32)
+    keys = []
+    for sample in loader:
+        flag.touch()  # the worker's second sample and the rest go on only now
+        keys.append(sample["__key__"])
+    assert keys == [sample_key(0, i) for i in range(40)]
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))

@@ -6,10 +6,13 @@ each (at 10k samples/s, a whole core). :class:`~wdsfs.StreamingDataLoader` has i
 send them in packs instead, and hands them out one by one again. A pack carries the reader's
 stream state after each of its samples, so a state_dict taken after any sample is exact.
 
-A reader's pack ends whenever the count of samples it has delivered this epoch reaches a
-multiple of the pack size, a count its stream state carries: a reader resumed in the middle of
-a pack ends its first pack where the interrupted one would have ended, and the round robin of
-the resumed workers then goes on exactly as the uninterrupted one.
+A reader's pack ends where the count of samples it has delivered this epoch (a count its stream
+state carries) is a power of two below the pack size or a multiple of it: with a pack size of
+32, packs of 1, 1, 2, 4, 8 and 16 samples, then 32. The first sample leaves the worker as soon
+as it is ready, not 31 samples (and their decoding and transform) later, and the packs grow to
+their size within the first pack's worth. A reader resumed in the middle of a pack ends its
+first pack where the interrupted one would have ended, and the round robin of the resumed
+workers then goes on exactly as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 from wdsfs.stream import ReaderState
 
-__all__ = ["Pack", "packed"]
+__all__ = ["Pack", "ends_pack", "packed"]
 
 
 @dataclass
@@ -31,18 +34,23 @@ class Pack:
     states: list[ReaderState] = field(default_factory=list)
 
 
+def ends_pack(delivered: int, size: int) -> bool:
+    """Whether a pack of at most ``size`` samples ends after the reader's ``delivered``-th."""
+    return delivered % size == 0 or (delivered < size and delivered & (delivered - 1) == 0)
+
+
 def packed(
     samples: Iterator[Any], state: Callable[[], ReaderState], size: int
 ) -> Generator[Pack, None, None]:
-    """Group ``samples`` into packs that end where the reader's delivered count is a multiple
-    of ``size`` (the last one where the samples end); ``state()`` is the stream's state."""
+    """Group ``samples`` into packs that end where :func:`ends_pack` says (the last one where
+    the samples end); ``state()`` is the stream's state."""
     pack = Pack()
     try:
         for sample in samples:
             after = state()
             pack.samples.append(sample)
             pack.states.append(after)
-            if after.delivered % size == 0:
+            if ends_pack(after.delivered, size):
                 yield pack
                 pack = Pack()
         if pack.samples:

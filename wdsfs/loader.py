@@ -211,14 +211,15 @@ class StreamingDataLoader(DataLoader[Any]):
     iterator's per-batch profiler range.
 
     With ``batch_size=None`` and workers, each worker sends its samples to the main process
-    ``pack_size`` at a time, which hands them out one by one: the round robin over the
-    workers then takes runs of ``pack_size`` samples from each, where torch's takes one.
+    in packs of up to ``pack_size`` (the first ones smaller: 1, 1, 2, 4... so the first sample
+    leaves at once), which hands them out one by one: the round robin over the workers then
+    takes a pack from each, where torch's takes one sample.
 
     Args:
         dataset: The dataset to load.
         batch_size: Samples per batch (``None``: no batching, samples one by one).
-        pack_size: With ``batch_size=None`` and workers: samples a worker sends at once
-            (1: one by one, as torch does; more saves the main process ~100 us a sample).
+        pack_size: With ``batch_size=None`` and workers: the most samples a worker sends at
+            once (1: one by one, as torch does; more saves the main process ~100 us a sample).
             Always 1 for a dataset class that overrides ``__iter__``, which then gets
             samples from ``super().__iter__()`` one by one.
         **kwargs: Any other DataLoader argument.
