@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -44,3 +45,22 @@ def write_dataset(put, counts: Sequence[int], *, prefix: str = "", payload: int 
         put(name, make_shard(shard, count, payload))
         names.append(name)
     return names
+
+
+def write_indexed(root, counts, claimed=None):
+    """Shards of ``counts`` samples and an index.wds that says ``claimed`` (default: the truth)."""
+    entries = []
+    for shard, n in enumerate(counts):
+        data = make_shard(shard, n)
+        (root / f"shard-{shard:06d}.tar").write_bytes(data)
+        entries.append(
+            {
+                "path": f"shard-{shard:06d}.tar",
+                "size": len(data),
+                "num_samples": (claimed or counts)[shard],
+                "md5": hashlib.md5(data).hexdigest(),
+            }
+        )
+    (root / "index.wds").write_text(
+        json.dumps({"format": "wdsfs-index", "version": 1, "shards": entries})
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import gc
-import hashlib
 import json
 import os
 import pickle
@@ -15,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tests.datasets import make_shard, sample_key, write_dataset
+from tests.datasets import make_shard, sample_key, write_dataset, write_indexed
 from wdsfs import StreamingWebDataset
 from wdsfs.errors import CorruptShardError
 
@@ -216,28 +215,9 @@ def test_num_samples_learned_in_workers_and_forgotten_for_a_replaced_shard(tmp_p
     assert fresh.num_samples == 7
 
 
-def _write_indexed(root, counts, claimed=None):
-    """Shards of ``counts`` samples and an index.wds that says ``claimed`` (default: the truth)."""
-    entries = []
-    for shard, n in enumerate(counts):
-        data = make_shard(shard, n)
-        (root / f"shard-{shard:06d}.tar").write_bytes(data)
-        entries.append(
-            {
-                "path": f"shard-{shard:06d}.tar",
-                "size": len(data),
-                "num_samples": (claimed or counts)[shard],
-                "md5": hashlib.md5(data).hexdigest(),
-            }
-        )
-    (root / "index.wds").write_text(
-        json.dumps({"format": "wdsfs-index", "version": 1, "shards": entries})
-    )
-
-
 def test_index_gives_num_samples_and_equalize(tmp_path, monkeypatch):
     counts = [9, 1, 4, 2, 7]
-    _write_indexed(tmp_path, counts)
+    write_indexed(tmp_path, counts)
     assert StreamingWebDataset(str(tmp_path)).num_samples == sum(counts)
     assert StreamingWebDataset(str(tmp_path)).num_shards == 5
     for policy in ("drop", "repeat"):
@@ -260,7 +240,7 @@ def test_index_gives_num_samples_and_equalize(tmp_path, monkeypatch):
 def test_an_index_count_that_the_shard_does_not_match_is_an_error(tmp_path, equalize):
     from wdsfs.errors import IndexFormatError
 
-    _write_indexed(tmp_path, [5, 9], claimed=[9, 9])  # shard 0 holds 5, not 9
+    write_indexed(tmp_path, [5, 9], claimed=[9, 9])  # shard 0 holds 5, not 9
     dataset = StreamingWebDataset(str(tmp_path), equalize=equalize, cache_dir=str(tmp_path / "c"))
 
     with pytest.raises(

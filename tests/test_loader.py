@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.datasets import make_shard, sample_key, write_dataset
+from tests.datasets import make_shard, sample_key, write_dataset, write_indexed
 from wdsfs import StreamingDataLoader, StreamingWebDataset
 from wdsfs._packs import ends_pack
 from wdsfs.errors import StateMismatchError
@@ -747,3 +747,64 @@ def test_without_workers_batches_are_torchs_and_so_is_the_random_stream(
 
     collate = None if batch_size is None else list
     assert epoch(StreamingDataLoader, collate_fn=collate) == epoch(DataLoader, collate_fn=collate)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    counts=st.lists(st.integers(0, 9), min_size=1, max_size=6),
+    batch_size=st.sampled_from([None, 1, 3]),
+    drop_last=st.booleans(),
+    num_workers=st.sampled_from([0, 1, 2, 3]),
+    world_size=st.sampled_from([1, 2, 3]),
+    equalize=st.sampled_from([None, "drop", "repeat"]),
+)
+def test_len_is_the_number_of_batches_each_rank_yields(
+    tmp_path_factory, monkeypatch, counts, batch_size, drop_last, num_workers, world_size, equalize
+):
+    root = tmp_path_factory.mktemp("ds")
+    write_indexed(root, counts)
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    for rank in range(world_size):
+        monkeypatch.setenv("RANK", str(rank))
+        dataset = StreamingWebDataset(str(root), equalize=equalize, cache_dir=str(root / "c"))
+        loader = StreamingDataLoader(
+            dataset,
+            batch_size=batch_size,
+            drop_last=drop_last and batch_size is not None,
+            num_workers=num_workers,
+            collate_fn=keys_collate if batch_size is not None else key_of,
+        )
+        try:
+            batches = list(loader)
+        except ValueError as exc:  # "repeat" where a reader has nothing to repeat
+            assert "to repeat" in str(exc)
+            with pytest.raises(ValueError, match="to repeat"):
+                len(loader)
+            continue
+        assert len(loader) == len(batches), rank
+        samples = sum(map(len, batches)) if batch_size is not None else len(batches)
+        assert len(dataset) == samples or (drop_last and batch_size is not None)
+
+
+def test_len_without_sample_counts_is_a_type_error_until_an_epoch_was_read(tmp_path):
+    write(tmp_path / "ds", [3, 4])
+    dataset = StreamingWebDataset(str(tmp_path / "ds"), cache_dir=str(tmp_path / "c"))
+    loader = StreamingDataLoader(dataset, batch_size=2, num_workers=2, collate_fn=keys_collate)
+    for sized in (dataset, loader):
+        with pytest.raises(TypeError, match=r"not known yet.*wdsfs index .*ds"):
+            len(sized)
+    assert sum(len(batch) for batch in loader) == 7  # list() and tqdm treat it as unsized
+    assert len(dataset) == 7 and len(loader) == 4  # each worker's partial batch: 2 + 2
+
+
+def test_len_of_a_dataset_alone_under_distributed_needs_the_loader(tmp_path, monkeypatch):
+    write_indexed(tmp_path, [3, 4, 5])
+    dataset = StreamingWebDataset(str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert len(dataset) == 12  # one process: every sample, whatever DataLoader reads it
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TypeError, match="StreamingDataLoader"):
+        len(StreamingWebDataset(str(tmp_path), cache_dir=str(tmp_path / "c")))
+    ranked = StreamingWebDataset(str(tmp_path), cache_dir=str(tmp_path / "c"))
+    loader = StreamingDataLoader(ranked, batch_size=None, num_workers=0)
+    assert len(ranked) == len(loader) == 4  # rank 1 of 2 reads shard 1

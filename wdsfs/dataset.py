@@ -33,7 +33,7 @@ from wdsfs.cache import DEFAULT_CACHE_LIMIT, ShardCache
 from wdsfs.decode import Decoder
 from wdsfs.download import DEFAULT_CHUNK_SIZE, FetchedShard, Fetcher
 from wdsfs.errors import IndexFormatError
-from wdsfs.plan import ReaderId, WorkItem, equalize_quotas, plan_epoch
+from wdsfs.plan import ReaderId, WorkItem, count_samples, equalize_quotas, plan_epoch
 from wdsfs.shard import Shard
 from wdsfs.source import Source
 from wdsfs.stream import ReaderState, ReaderStream, reader_seed
@@ -167,6 +167,9 @@ class StreamingWebDataset(IterableDataset[Sample]):
         self.batch_size_hint = 1
         """Batch size of the loader (set by StreamingDataLoader): equalized quotas are whole
         batches, so every rank gets the same number of batches, not only of samples."""
+        self.num_workers_hint: int | None = None
+        """``num_workers`` of the loader (set by StreamingDataLoader): how this rank's samples
+        are shared among its readers, which ``len()`` needs under torch.distributed."""
         self.pack_size_hint = 1
         """Samples a DataLoader worker yields at once, as one :class:`~wdsfs._packs.Pack`
         (set by StreamingDataLoader for ``batch_size=None``; 1: one by one)."""
@@ -226,6 +229,11 @@ class StreamingWebDataset(IterableDataset[Sample]):
         every shard read to its end (by any process using the same ``cache_dir``): without an
         index, ``num_samples`` is known after the first full epoch.
         """
+        counts = self._shard_counts()
+        return None if counts is None else sum(counts)
+
+    def _shard_counts(self) -> list[int] | None:
+        """Every shard's sample count (index.wds, else remembered by the cache), or None."""
         shards = self.shards()
         counts = [shard.num_samples for shard in shards]
         if None in counts:
@@ -233,7 +241,48 @@ class StreamingWebDataset(IterableDataset[Sample]):
             counts = [c if c is not None else r for c, r in zip(counts, remembered, strict=True)]
         if None in counts:
             return None
-        return sum(count or 0 for count in counts)
+        return [count or 0 for count in counts]
+
+    def __len__(self) -> int:
+        """Samples this rank yields in an epoch (all of them without torch.distributed).
+
+        Known once every shard's count is (see :attr:`num_samples`); a ``TypeError`` until
+        then, as for any object without a length. Under torch.distributed, or with
+        ``equalize``, the count depends on the DataLoader's ``num_workers``: only in a
+        :class:`~wdsfs.StreamingDataLoader`, whose own ``len()`` counts its batches.
+        """
+        _, world_size = self.rank_and_world_size()
+        workers = self.num_workers_hint
+        if workers is None and (world_size > 1 or self.equalize):
+            raise TypeError(
+                "len() of a StreamingWebDataset under torch.distributed or with equalize "
+                "depends on the DataLoader's num_workers: iterate it with StreamingDataLoader"
+            )
+        return sum(self.reader_lengths(workers or 0))
+
+    def reader_lengths(self, num_workers: int) -> list[int]:
+        """Samples each of this rank's readers yields in the current epoch, from its start.
+
+        One reader per DataLoader worker (in worker order), one for ``num_workers=0``.
+
+        Raises:
+            TypeError: A shard's sample count is not known yet.
+        """
+        counts = self._shard_counts()
+        if counts is None or (self.equalize and None in (s.num_samples for s in self.shards())):
+            raise TypeError(
+                f"the length of {self.source.url} is not known yet: it needs every shard's "
+                f"sample count, from an index.wds (`wdsfs index {self.source.url}`) or from "
+                "one full epoch read through the same cache_dir"
+            )
+        rank, world_size = self.rank_and_world_size()
+        workers = max(num_workers, 1)
+        readers = [ReaderId(rank, world_size, w, workers) for w in range(workers)]
+        items = self._epoch_items(readers[0].count)
+        if self.equalize:
+            quotas = self._quotas(items, readers[0])
+            return [quotas[r.index] for r in readers]
+        return [count_samples(items[r.index], counts) for r in readers]
 
     def process_sample(self, sample: Sample) -> Sample:
         """Hook for subclasses: called on every decoded sample, before ``transform``."""

@@ -251,6 +251,7 @@ class StreamingDataLoader(DataLoader[Any]):
             **kwargs,
         )
         dataset.batch_size_hint = batch_size or 1
+        dataset.num_workers_hint = self.num_workers
         # a subclass's own __iter__ sees what the base one yields: samples, never packs
         own_iter = type(dataset).__iter__ is not StreamingWebDataset.__iter__
         packs = batch_size is None and self.num_workers > 0 and not own_iter
@@ -263,6 +264,19 @@ class StreamingDataLoader(DataLoader[Any]):
         self._delivered = 0
         self._finished = False
         self._iter_epoch = dataset.epoch
+
+    def __len__(self) -> int:
+        """Batches (samples with ``batch_size=None``) this rank yields in an epoch.
+
+        Exact with workers too: each worker batches its own samples, so each ends the epoch
+        with a partial batch of its own (dropped with ``drop_last``). A ``TypeError`` while a
+        shard's sample count is unknown (see :attr:`StreamingWebDataset.num_samples`).
+        """
+        lengths = self.streaming_dataset.reader_lengths(self.num_workers)
+        size = self.batch_size
+        if size is None:
+            return sum(lengths)
+        return sum(n // size if self.drop_last else -(-n // size) for n in lengths)
 
     @property
     def streaming_dataset(self) -> StreamingWebDataset:
