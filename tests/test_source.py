@@ -117,6 +117,30 @@ def test_bad_arguments():
         list_shards(["memory://x/a.tar", "memory://x/b.tar"], split="train")
 
 
+@pytest.mark.parametrize("url", ["s3://", "gs:///", "https://", "az://"])
+def test_a_url_without_bucket_or_path_is_a_clear_error(url):
+    with pytest.raises(ValueError, match=r"no bucket or path after [a-z0-9]+://"):
+        Source(url)
+
+
+def test_a_known_protocol_with_one_slash_is_a_typo_not_a_local_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"did you mean s3://bucket/ds\?"):
+        Source("s3:/bucket/ds")
+    (tmp_path / "s3:" / "bucket" / "ds").mkdir(parents=True)  # a real local directory: read it
+    (tmp_path / "s3:" / "bucket" / "ds" / "shard-000000.tar").write_bytes(make_shard(0, 1))
+    assert len(list_shards("s3:/bucket/ds")) == 1
+    assert Source("c:/data").remotes == ["c:/data"]  # not a protocol: left alone
+
+
+def test_url_schemes_are_case_insensitive(tmp_path):
+    write_dataset(lambda name, data: (tmp_path / name).write_bytes(data), [2, 3])
+    shards = list_shards(f"FILE://{tmp_path}")
+    assert [s.name for s in shards] == ["shard-000000.tar", "shard-000001.tar"]
+    assert Source("S3://Bucket/DS").remotes == ["s3://Bucket/DS"]  # the scheme only
+    assert Source("memory://").remotes == ["memory://"]  # a whole in-memory tree
+
+
 def test_source_pickles_as_a_recipe(remote):
     write_dataset(remote.put, [1])
     source = Source(remote.url, storage_options=remote.storage_options)

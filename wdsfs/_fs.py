@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import fsspec
+from fsspec.registry import known_implementations
 from fsspec.spec import AbstractFileSystem
 
 from wdsfs._botocore import share_service_models
@@ -55,6 +57,32 @@ _SIZE_UNITS = {
     "GIB": 1024**3,
     "TIB": 1024**4,
 }
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.DOTALL)
+_ONE_SLASH = re.compile(r"^([a-z][a-z0-9+.-]+):/([^/].*)$", re.DOTALL)
+_ROOTS_ALLOWED = {"file", "local", "memory"}  # a whole local or in-memory tree can be a dataset
+
+
+def checked_url(url: str) -> str:
+    """``url`` with its scheme in lowercase (schemes are case-insensitive, fsspec's are not).
+
+    Raises:
+        ValueError: The URL names a storage but no bucket or path in it (``s3://``), or it
+            misses a slash after a known protocol (``s3:/bucket``: a local path otherwise).
+    """
+    match = _SCHEME.match(url)
+    if match is not None:
+        scheme, rest = match.group(1).lower(), match.group(2)
+        if not rest.strip("/") and scheme not in _ROOTS_ALLOWED:
+            raise ValueError(f"{url!r}: no bucket or path after {scheme}://")
+        return f"{scheme}://{rest}"
+    typo = _ONE_SLASH.match(url)
+    if typo is not None and typo.group(1) in known_implementations and not os.path.exists(url):
+        raise ValueError(
+            f"{url!r} is a local path: did you mean {typo.group(1)}://{typo.group(2)}?"
+        )
+    return url
 
 
 def url_to_fs(

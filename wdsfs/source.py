@@ -21,7 +21,7 @@ import fsspec.asyn
 from braceexpand import braceexpand
 from fsspec.spec import AbstractFileSystem
 
-from wdsfs._fs import full_url, is_local, translate_error, url_to_fs
+from wdsfs._fs import checked_url, full_url, is_local, translate_error, url_to_fs
 from wdsfs.checksum import Checksum, best
 from wdsfs.errors import NoShardsError, ShardNotFoundError
 from wdsfs.shard import Shard
@@ -60,7 +60,8 @@ class Source:
             does to build one).
 
     Raises:
-        ValueError: ``remote`` is empty, or ``split`` is given with a list or pattern.
+        ValueError: ``remote`` is empty or names no bucket (``s3://``), a URL misses a slash
+            (``s3:/bucket``), or ``split`` is given with a list or pattern.
     """
 
     def __init__(
@@ -78,7 +79,7 @@ class Source:
         options = dict(storage_options or {})
         if profile is not None:
             options["profile"] = profile
-        self.remotes = [r.strip() for r in remotes]
+        self.remotes = [checked_url(r.strip()) for r in remotes]
         self.is_list = not isinstance(remote, str)
         self.use_index = use_index
         self.split = split.strip("/") if split else None
