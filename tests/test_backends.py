@@ -127,7 +127,7 @@ def test_s3_keeps_the_sdk_crc32_and_the_fetcher_verifies_it(request, server, tmp
         assert s3_store_checksum(fs, path, shard) == crc
         with Fetcher(ShardCache(tmp_path / "c"), storage_options=remote.storage_options) as f:
             transfer = TransferCallback(shard.url)
-            assert f._with_store_checksum(fs, path, shard, transfer).checksum == str(crc)
+            assert f.downloader.with_store_checksum(fs, path, shard, transfer).checksum == str(crc)
             with f.fetch(shard) as fetched:
                 assert fetched.file.read() == data
         remote.put("shard-000000.tar", make_shard(0, 4))  # replaced after the listing

@@ -168,7 +168,7 @@ def test_cancelling_a_large_transfer_is_prompt(s3_bucket, fault_proxy, tmp_path,
     (shard,) = list_shards(s3_bucket.join("big.tar"), storage_options=options)
     fs, path = url_to_fs(shard.url, options)
     with Fetcher(ShardCache(tmp_path / "x"), storage_options=options) as resolver:
-        shard = resolver._resolve(fs, path, shard, TransferCallback(shard.url))
+        shard = resolver.downloader.resolve(fs, path, shard, TransferCallback(shard.url))
     assert shard.size == size
     cache = ShardCache(tmp_path / "c", cache_limit="1GB")
     stop = threading.Event()
@@ -278,11 +278,13 @@ def test_a_full_disk_during_a_download_is_a_cache_error(tmp_path):
     cache = ShardCache(tmp_path / "c")
     with Fetcher(cache) as fetcher:
         full = OSError(errno.ENOSPC, "No space left on device")
-        error = fetcher._final_error(full, "s3://b/ds/shard-000000.tar", 1)
+        error = fetcher.downloader.retries.final_error(full, "s3://b/ds/shard-000000.tar", 1)
         assert isinstance(error, CacheError)
         assert "s3://b/ds/shard-000000.tar" in str(error) and str(cache.directory) in str(error)
         throttled = OSError(errno.EBUSY, "SlowDown")  # s3fs's throttling: the storage, not disk
-        assert not isinstance(fetcher._final_error(throttled, "s3://b/x.tar", 1), CacheError)
+        assert not isinstance(
+            fetcher.downloader.retries.final_error(throttled, "s3://b/x.tar", 1), CacheError
+        )
 
 
 @pytest.mark.s3

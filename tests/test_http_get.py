@@ -332,7 +332,9 @@ def test_s3_checksum_lookup_is_a_presigned_head_with_its_header_signed(
             monkeypatch.setenv(TRANSPORT_VARIABLE, variable)
         proxy.reset_counters()
         with Fetcher(ShardCache(tmp_path / str(variable)), storage_options=options) as fetcher:
-            found = fetcher._with_store_checksum(fs, path, shard, TransferCallback(shard.url))
+            found = fetcher.downloader.with_store_checksum(
+                fs, path, shard, TransferCallback(shard.url)
+            )
         assert found.checksum == crc
         heads = [target for method, target in proxy.requests if method == "HEAD"]
         assert len(heads) == 1 and ("X-Amz-Signature=" in heads[0]) == presigned
@@ -341,7 +343,7 @@ def test_s3_checksum_lookup_is_a_presigned_head_with_its_header_signed(
     s3_bucket.put("shard-000000.tar", make_shard(0, 6))  # replaced after the listing
     monkeypatch.delenv(TRANSPORT_VARIABLE)
     with Fetcher(ShardCache(tmp_path / "replaced"), storage_options=options) as fetcher:
-        found = fetcher._with_store_checksum(fs, path, shard, TransferCallback(shard.url))
+        found = fetcher.downloader.with_store_checksum(fs, path, shard, TransferCallback(shard.url))
     assert found.checksum == shard.checksum  # not the new version's CRC
 
 
@@ -370,7 +372,7 @@ def test_s3_object_deleted_after_listing_is_a_missing_shard(s3_bucket, tmp_path)
         ShardCache(tmp_path / "c"), storage_options=s3_bucket.storage_options, verify=False
     ) as fetcher:
         fs, path = url_to_fs(shard.url, s3_bucket.storage_options)
-        remote = fetcher._remote(fs, path, shard.url, TransferCallback(shard.url))
+        remote = fetcher.downloader.remote(fs, path, shard.url, TransferCallback(shard.url))
         assert remote.getter is not None
         fs.rm_file(path)
         with pytest.raises(ShardNotFoundError, match=r"shard-000000\.tar.*NoSuchKey"):
