@@ -13,13 +13,10 @@ once per epoch across all ranks and workers.
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import multiprocessing
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from multiprocessing.context import get_spawning_popen
 from typing import Any, Literal
 
@@ -29,15 +26,16 @@ from wdsfs._dist import rank_and_world_size, worker_and_count
 from wdsfs._file_slices import slicer
 from wdsfs._fs import parse_size
 from wdsfs._packs import packed
+from wdsfs._readahead import Readahead
+from wdsfs._reader_work import ReaderWork, Resume
 from wdsfs.cache import DEFAULT_CACHE_LIMIT, ShardCache
 from wdsfs.decode import Decoder
-from wdsfs.download import DEFAULT_CHUNK_SIZE, FetchedShard, Fetcher
-from wdsfs.errors import IndexFormatError
+from wdsfs.download import DEFAULT_CHUNK_SIZE, Fetcher
 from wdsfs.plan import ReaderId, WorkItem, count_samples, equalize_quotas, plan_epoch
 from wdsfs.shard import Shard
 from wdsfs.source import Source
 from wdsfs.stream import ReaderState, ReaderStream, reader_seed
-from wdsfs.tar import Refer, read_samples
+from wdsfs.tar import Refer
 
 __all__ = ["StreamingWebDataset"]
 
@@ -47,28 +45,6 @@ Sample = dict[str, Any]
 
 # the methods through which samples pass: a subclass that overrides one may read any field
 _SEES = ("__iter__", "_iterate", "process_sample")
-
-
-@dataclass(frozen=True)
-class ReaderWork:
-    """What one reader reads this epoch: its items, and where to resume inside them."""
-
-    reader: ReaderId
-    items: list[WorkItem]
-    state: ReaderState | None = None
-    quota: int | None = None
-    planned: bool = True  # items are plan_epoch's (else they must be saved with the state)
-
-
-@dataclass
-class _Resume:
-    """A loaded state_dict, applied by each reader on its next iteration (once)."""
-
-    token: str
-    epoch: int
-    work_for: Callable[[ReaderId, StreamingWebDataset], ReaderWork]
-    worker_offset: int = 0
-    used_by: set[int] = field(default_factory=set)
 
 
 class StreamingWebDataset(IterableDataset[Sample]):
@@ -181,7 +157,7 @@ class StreamingWebDataset(IterableDataset[Sample]):
         # In shared memory, so DataLoader workers (persistent ones too) see set_epoch; a plain
         # int after ordinary pickling (see __getstate__).
         self._epoch: Any = multiprocessing.get_context().Value("q", 0, lock=False)
-        self._resume: _Resume | None = None
+        self._resume: Resume | None = None
         self._active: ReaderStream | None = None
         self._active_work: ReaderWork | None = None
 
@@ -400,7 +376,7 @@ class StreamingWebDataset(IterableDataset[Sample]):
         shards = self.shards()
         fetcher = self.fetcher()
         start_item = work.state.item if work.state is not None else 0
-        readahead = _Readahead(
+        readahead = Readahead(
             fetcher,
             shards,
             [i.shard for i in work.items[start_item:]],
@@ -453,74 +429,3 @@ class StreamingWebDataset(IterableDataset[Sample]):
         if self._active is None or self._active_work is None:
             return None
         return self._active_work, self._active.state()
-
-
-class _Readahead:
-    """Fetches a reader's planned shards ahead of the reader; serves other shards on demand."""
-
-    def __init__(
-        self,
-        fetcher: Fetcher,
-        shards: Sequence[Shard],
-        planned: Sequence[int],
-        window: int,
-        slicing: Callable[[int], Refer] | None = None,
-    ):
-        self.fetcher = fetcher
-        self.shards = shards
-        self.slicing = slicing  # a shard's file descriptor -> its refer (file slices)
-        self.planned = collections.deque(planned)
-        self.ahead = fetcher.fetch_ahead((shards[i] for i in planned), window=window)
-        self._lock = threading.Lock()
-
-    def _get(self, index: int) -> FetchedShard:
-        with self._lock:
-            if self.planned and self.planned[0] == index:
-                self.planned.popleft()
-                return next(self.ahead)
-        return self.fetcher.fetch(self.shards[index])
-
-    def read(
-        self,
-        shard: int,
-        *,
-        select: Callable[[int], bool] | None,
-        start: int,
-        stop: int | None,
-    ) -> Iterator[tuple[int, Sample]]:
-        """The ReadFn of ReaderStream: samples of ``shard`` with index >= start, < stop."""
-        wanted = select
-        if start > 0:
-
-            def wanted(index: int) -> bool:
-                return index >= start and (select is None or select(index))
-
-        with self._get(shard) as fetched:
-            refer = self.slicing(fetched.file.fileno()) if self.slicing is not None else None
-            url = fetched.shard.url
-            if stop is not None:
-                yield from read_samples(
-                    fetched.file, url=url, select=wanted, stop=stop, refer=refer
-                )
-                return
-            seen = 0
-
-            def counting(index: int) -> bool:
-                nonlocal seen
-                seen = index + 1
-                return wanted is None or wanted(index)
-
-            yield from read_samples(fetched.file, url=url, select=counting, refer=refer)
-        listed = self.shards[shard].num_samples
-        if listed is not None and seen != listed:
-            # equalize= and num_samples trust the index: a wrong count must not pass silently
-            raise IndexFormatError(
-                f"{fetched.shard.url}: {seen} samples, but index.wds says {listed} "
-                "(the index does not describe this shard: rebuild it with `wdsfs index`)"
-            )
-        # read to its end: remember its sample count (num_samples without an index.wds)
-        self.fetcher.cache.remember_count(ShardCache.key(self.shards[shard]), seen)
-
-    def close(self) -> None:
-        self.ahead.close()
-        self.fetcher.close()

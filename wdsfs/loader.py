@@ -41,8 +41,9 @@ from wdsfs._file_slices import FileSlice
 from wdsfs._head_start import HeadStart
 from wdsfs._malloc import keep_freed_memory
 from wdsfs._packs import Pack
+from wdsfs._reader_work import ReaderWork, Resume
 from wdsfs._shared_rings import BatchRings
-from wdsfs.dataset import ReaderWork, StreamingWebDataset, _Resume
+from wdsfs.dataset import StreamingWebDataset
 from wdsfs.errors import StateMismatchError
 from wdsfs.plan import ReaderId, WorkItem, plan_epoch, redistribute
 from wdsfs.stream import ReaderState
@@ -495,7 +496,7 @@ class StreamingDataLoader(DataLoader[Any]):
             step = 0 if ours.get("pack_open") else 1
             offset = (last % old["num_workers"] + step) % old["num_workers"]
         work_for = _ResumedWork(states, saved_items, old_count, same)
-        dataset._resume = _Resume(uuid.uuid4().hex, sd["epoch"], work_for, worker_offset=offset)
+        dataset._resume = Resume(uuid.uuid4().hex, sd["epoch"], work_for, worker_offset=offset)
         mine = range(rank * new["num_workers"], (rank + 1) * new["num_workers"])
         self._states = {k: v for k, v in states.items() if same and k in mine}
         self._items = {k: v for k, v in sd["items"].items() if same and int(k) in mine}
