@@ -387,12 +387,12 @@ def test_plain_samples_pass_unconverted_and_others_as_default_convert() -> None:
     import torch
     from torch.utils.data._utils.collate import default_convert
 
-    from wdsfs.loader import _convert_sample
+    from wdsfs._tracking import convert_sample
 
     plain = {"__key__": "a", "jpg": b"x", "cls": 3, "score": 0.5, "none": None}
-    assert _convert_sample(plain) == default_convert(plain) == plain
+    assert convert_sample(plain) == default_convert(plain) == plain
     mixed = {"__key__": "a", "npy": np.arange(3)}
-    converted = _convert_sample(mixed)
+    converted = convert_sample(mixed)
     assert isinstance(converted["npy"], torch.Tensor)
     assert converted["npy"].tolist() == [0, 1, 2]
 

@@ -1,10 +1,9 @@
 """StreamingDataLoader: a torch DataLoader that knows what it delivered, for exact resumption.
 
-Each batch is collated in its DataLoader worker together with that worker's stream state *after*
-the batch (a few integers plus the ids of the samples waiting in the shuffle buffer); the main
-process unwraps it, keeps the state of the last batch it handed out per reader, and returns the
-user's batch untouched. ``state_dict()`` is therefore exact at any point between batches and its
-size does not depend on the number of samples.
+Each batch reaches the main process with its reader's stream state after it (see
+:mod:`wdsfs._tracking`); the main process unwraps it, keeps the state of the last batch it
+handed out per reader, and returns the user's batch untouched. ``state_dict()`` is therefore
+exact at any point between batches and its size does not depend on the number of samples.
 
 Resuming with the same world size, ``num_workers`` and batch size continues each reader exactly
 where it stopped, shuffle buffer included, and rotates the DataLoader's round robin so that the
@@ -16,187 +15,42 @@ delivered exactly once, in a different order.
 from __future__ import annotations
 
 import contextlib
-import gc
-import hashlib
 import itertools
-import json
-import logging
 import uuid
 import weakref
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, get_worker_info
-from torch.utils.data._utils.collate import (
-    collate,
-    default_collate,
-    default_collate_fn_map,
-    default_convert,
-)
-from torch.utils.data._utils.pin_memory import pin_memory
+from torch.utils.data import DataLoader
+from torch.utils.data._utils.collate import default_collate
 
 from wdsfs import _shared_rings as shared_rings
-from wdsfs._file_slices import FileSlice
 from wdsfs._head_start import HeadStart
+from wdsfs._loader_state import (
+    FORMAT,
+    VERSION,
+    dataset_fingerprint,
+    gather_state_dict,
+    merge_state_dicts,
+    validated,
+)
 from wdsfs._malloc import keep_freed_memory
-from wdsfs._packs import Pack
-from wdsfs._reader_work import ReaderWork, Resume
-from wdsfs._shared_rings import BatchRings
+from wdsfs._reader_work import Resume, ResumedWork
+from wdsfs._tracking import Tracked, TrackingCollate, convert_sample
+from wdsfs._workers import frozen_heap, widen_result_pipe
 from wdsfs.dataset import StreamingWebDataset
 from wdsfs.errors import StateMismatchError
-from wdsfs.plan import ReaderId, WorkItem, plan_epoch, redistribute
+from wdsfs.plan import WorkItem
 from wdsfs.stream import ReaderState
 
 __all__ = ["StreamingDataLoader", "gather_state_dict", "merge_state_dicts"]
-
-logger = logging.getLogger(__name__)
-
-_RESULT_PIPE_BYTES = 1024 * 1024
 
 # the workers' shared-memory rings (see wdsfs._shared_rings): bounds, and the size of a sample
 # assumed when the index does not tell
 _RING_MIN = 1024 * 1024
 _RING_MAX = 64 * 1024 * 1024
 _RING_SAMPLE_GUESS = 128 * 1024
-
-_FORMAT = "wdsfs-loader-state"
-_VERSION = 1
-
-
-class _Tracked:
-    """A user batch travelling with the state of the reader that produced it.
-
-    Or a pack (``batch_size=None`` with workers): ``batch`` is then the list of the pack's
-    samples, and ``states`` the reader's state after each of them.
-    """
-
-    __slots__ = ("batch", "items", "reader", "rings", "samples", "state", "states", "worker")
-
-    def __init__(
-        self,
-        batch: Any,
-        reader: int,
-        state: ReaderState,
-        items: list[list[int | None]] | None,
-        samples: int,
-        states: list[ReaderState] | None = None,
-        rings: BatchRings | None = None,
-        worker: int = 0,
-    ) -> None:
-        self.batch = batch
-        self.reader = reader
-        self.state = state
-        self.items = items
-        self.samples = samples
-        self.states = states
-        self.rings = rings  # in a worker: the rings its batch travels through
-        self.worker = worker
-
-    def __reduce__(self) -> Any:
-        rest = (self.reader, self.state, self.items, self.samples, self.states)
-        if self.rings is None:
-            return _Tracked, (self.batch, *rest)
-        return self.rings.reduce(self.worker, _Tracked, self.batch, *rest)
-
-    def pin_memory(self) -> _Tracked:
-        pinned = pin_memory(self.batch)  # type: ignore[no-untyped-call]
-        return _Tracked(pinned, self.reader, self.state, self.items, self.samples, self.states)
-
-
-# a file slice (see wdsfs._file_slices) is bytes once the main process has read it
-_PLAIN_TYPES = frozenset({bytes, str, int, float, bool, type(None), FileSlice})
-
-
-def _slices_as_bytes(batch: list[FileSlice], *, collate_fn_map: Any = None) -> list[FileSlice]:
-    return batch  # as default_collate leaves a batch of bytes: a list
-
-
-_COLLATE_FN_MAP = {**default_collate_fn_map, FileSlice: _slices_as_bytes}
-
-
-def _default_collate(batch: Any) -> Any:
-    """``default_collate``, which also leaves file slices as it leaves bytes: in a list."""
-    return collate(batch, collate_fn_map=_COLLATE_FN_MAP)
-
-
-def _convert_sample(sample: Any) -> Any:
-    """``default_convert`` (the collate of ``batch_size=None``), without its recursion for the
-    common sample, a dict of bytes/str/numbers, that it would return unchanged."""
-    if type(sample) is dict and all(type(value) in _PLAIN_TYPES for value in sample.values()):
-        return sample
-    return default_convert(sample)  # type: ignore[no-untyped-call]
-
-
-class _TrackingCollate:
-    """Wraps the user's collate_fn: same batch, plus the producing reader's state."""
-
-    def __init__(self, collate_fn: Callable[[Any], Any], dataset: StreamingWebDataset) -> None:
-        self.default = collate_fn in (default_collate, _convert_sample)
-        """The collate is torch's (or ours for batch_size=None), which does not read bytes: the
-        workers may leave fields of samples unread (file slices)."""
-        self.collate_fn = _default_collate if collate_fn is default_collate else collate_fn
-        self.dataset: StreamingWebDataset | None = dataset
-        self.rings: BatchRings | None = None  # set while forking workers
-
-    def __getstate__(self) -> dict[str, Any]:
-        # workers use their own copy of the dataset (get_worker_info().dataset); spawned ones
-        # cannot map the rings
-        return {**self.__dict__, "dataset": None, "rings": None}
-
-    def __call__(self, samples: Any) -> _Tracked:
-        info = get_worker_info()
-        dataset = info.dataset if info is not None else self.dataset
-        assert isinstance(dataset, StreamingWebDataset)
-        current = dataset.loader_state()
-        if current is None:
-            raise RuntimeError("StreamingDataLoader: the dataset is not iterating")
-        work, state = current
-        # items that plan_epoch cannot recompute (after an elastic resume) travel with the state
-        items = None if work.planned else [item.to_json() for item in work.items]
-        states = None
-        if isinstance(samples, Pack):  # batch_size=None: samples collated one by one
-            batch: Any = [self.collate_fn(sample) for sample in samples.samples]
-            states, count = samples.states, len(samples.samples)
-        else:
-            count = len(samples) if isinstance(samples, list) else 1
-            batch = self.collate_fn(samples)
-        tracked = _Tracked(batch, work.reader.index, state, items, count, states)
-        if info is not None:
-            tracked.rings, tracked.worker = self.rings, info.id
-        return tracked
-
-
-def _widen_result_pipe(iterator: Any) -> None:
-    """Let the workers' result pipe hold up to 1 MiB instead of Linux's 64 KiB.
-
-    A sample of ~100 KB then crosses in one write instead of several, each a context switch
-    between a worker and the main process (measured: ~1.5x the bytes per second on 2 cores).
-    Best effort: only where ``F_SETPIPE_SZ`` exists and the system limit allows it.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        return
-    queue = getattr(iterator, "_worker_result_queue", None)
-    reader = getattr(queue, "_reader", None)
-    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
-    if reader is None or set_size is None:
-        return
-    try:
-        with open("/proc/sys/fs/pipe-max-size") as f:
-            size = min(_RESULT_PIPE_BYTES, int(f.read()))
-        fcntl.fcntl(reader.fileno(), set_size, size)
-    except (OSError, ValueError):
-        logger.debug("cannot widen the DataLoader result pipe", exc_info=True)
-
-
-def dataset_fingerprint(dataset: StreamingWebDataset) -> str:
-    """A digest of the shard list (URLs and sizes): a state only loads onto the same data."""
-    digest = hashlib.sha256()
-    for shard in dataset.shards():
-        digest.update(f"{shard.url}\0{shard.size}\n".encode())
-    return digest.hexdigest()[:32]
 
 
 class StreamingDataLoader(DataLoader[Any]):
@@ -243,12 +97,12 @@ class StreamingDataLoader(DataLoader[Any]):
                 raise ValueError(f"{name}= does not apply: the dataset plans and shuffles itself")
         user_collate = kwargs.pop("collate_fn", None)
         if user_collate is None:
-            user_collate = default_collate if batch_size is not None else _convert_sample
+            user_collate = default_collate if batch_size is not None else convert_sample
         dataset.shards()  # list once here; forked workers inherit the list
         super().__init__(
             dataset,
             batch_size=batch_size,
-            collate_fn=_TrackingCollate(user_collate, dataset),
+            collate_fn=TrackingCollate(user_collate, dataset),
             **kwargs,
         )
         dataset.batch_size_hint = batch_size or 1
@@ -328,7 +182,7 @@ class StreamingDataLoader(DataLoader[Any]):
             if isinstance(iterator, Generator):
                 iterator.close()
 
-    def _batches_here(self, dataset: StreamingWebDataset) -> Generator[_Tracked, None, None]:
+    def _batches_here(self, dataset: StreamingWebDataset) -> Generator[Tracked, None, None]:
         """The batches of ``num_workers=0``, made here as torch's single-process iterator would.
 
         Same batches (``batch_size``, ``drop_last``, ``collate_fn``) without its per-batch
@@ -336,7 +190,7 @@ class StreamingDataLoader(DataLoader[Any]):
         the time of an unbatched epoch from the cache.
         """
         collate = self.collate_fn
-        assert isinstance(collate, _TrackingCollate)
+        assert isinstance(collate, TrackingCollate)
         # torch's iterator draws its workers' base seed: the same draw keeps the random stream
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         samples = iter(dataset)
@@ -366,7 +220,7 @@ class StreamingDataLoader(DataLoader[Any]):
 
     def _get_iterator(self) -> Any:
         collate = self.collate_fn
-        assert isinstance(collate, _TrackingCollate)
+        assert isinstance(collate, TrackingCollate)
         dataset = self.streaming_dataset
         if self.num_workers > 0:
             keep_freed_memory()  # the workers' batches arrive whole: keep their pages
@@ -376,7 +230,7 @@ class StreamingDataLoader(DataLoader[Any]):
             if collate.default:
                 dataset.file_slices_hint = shared_rings.MIN_BYTES
         try:
-            with _frozen_heap():
+            with frozen_heap():
                 iterator = super()._get_iterator()  # forks the workers, which inherit the rings
         except BaseException:
             if rings is not None:
@@ -387,7 +241,7 @@ class StreamingDataLoader(DataLoader[Any]):
             dataset.file_slices_hint = 0
         if rings is not None:
             weakref.finalize(iterator, rings.close)
-        _widen_result_pipe(iterator)
+        widen_result_pipe(iterator)
         return iterator
 
     def _ring_bytes(self) -> int:
@@ -426,8 +280,8 @@ class StreamingDataLoader(DataLoader[Any]):
         dataset = self.streaming_dataset
         rank, _ = self.streaming_dataset.rank_and_world_size()
         return {
-            "format": _FORMAT,
-            "version": _VERSION,
+            "format": FORMAT,
+            "version": VERSION,
             "fingerprint": dataset_fingerprint(dataset),
             "num_shards": dataset.num_shards,
             "epoch": self._iter_epoch,
@@ -453,7 +307,7 @@ class StreamingDataLoader(DataLoader[Any]):
             StateMismatchError: The state belongs to another dataset, or is malformed, or
                 elastic resumption lacks the states of some ranks.
         """
-        sd = _validated(state_dict)
+        sd = validated(state_dict)
         dataset = self.streaming_dataset
         if sd["fingerprint"] != dataset_fingerprint(dataset):
             raise StateMismatchError(
@@ -495,7 +349,7 @@ class StreamingDataLoader(DataLoader[Any]):
             # the next reader in the round robin; the same one if it was in the middle of a pack
             step = 0 if ours.get("pack_open") else 1
             offset = (last % old["num_workers"] + step) % old["num_workers"]
-        work_for = _ResumedWork(states, saved_items, old_count, same)
+        work_for = ResumedWork(states, saved_items, old_count, same)
         dataset._resume = Resume(uuid.uuid4().hex, sd["epoch"], work_for, worker_offset=offset)
         mine = range(rank * new["num_workers"], (rank + 1) * new["num_workers"])
         self._states = {k: v for k, v in states.items() if same and k in mine}
@@ -504,121 +358,3 @@ class StreamingDataLoader(DataLoader[Any]):
         self._pack_open = False
         self._delivered = sum(int(r.get("delivered", 0)) for r in sd["ranks"].values())
         self._iter_epoch = sd["epoch"]
-
-
-class _ResumedWork:
-    """Each reader's work in a resumed epoch (picklable: travels to DataLoader workers)."""
-
-    def __init__(
-        self,
-        states: dict[int, ReaderState],
-        saved_items: dict[int, list[WorkItem]],
-        old_count: int,
-        same: bool,
-    ) -> None:
-        self.states = states
-        self.saved_items = saved_items
-        self.old_count = old_count
-        self.same = same
-
-    def _old_items(self, dataset: StreamingWebDataset) -> list[list[WorkItem]]:
-        planned = plan_epoch(
-            dataset.num_shards,
-            self.old_count,
-            seed=dataset.seed,
-            epoch=dataset.epoch,
-            shuffle=dataset.shuffle,
-        )
-        return [self.saved_items.get(r, planned[r]) for r in range(self.old_count)]
-
-    def __call__(self, reader: ReaderId, dataset: StreamingWebDataset) -> ReaderWork:
-        old_items = self._old_items(dataset)
-        if self.same:
-            planned = reader.index not in self.saved_items
-            quota = dataset.quota(old_items, reader)
-            state = self.states.get(reader.index)
-            return ReaderWork(reader, old_items[reader.index], state, quota, planned)
-        counts = [shard.num_samples for shard in dataset.shards()]
-        known = None if any(c is None for c in counts) else [int(c or 0) for c in counts]
-        states = [self.states.get(r) for r in range(self.old_count)]
-        dealt = redistribute(old_items, states, reader.count, num_samples=known)
-        return ReaderWork(reader, dealt[reader.index], None, dataset.quota(dealt, reader), False)
-
-
-def _validated(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    try:
-        sd: dict[str, Any] = json.loads(json.dumps(dict(state_dict)))
-        if sd.get("format") != _FORMAT:
-            raise StateMismatchError(
-                f"not a StreamingDataLoader state_dict (format={sd.get('format')!r})"
-            )
-        if sd.get("version") != _VERSION:
-            raise StateMismatchError(f"unsupported state_dict version {sd.get('version')!r}")
-        missing = [
-            key
-            for key in ("fingerprint", "epoch", "finished", "config", "ranks", "readers", "items")
-            if key not in sd
-        ]
-        if missing:
-            raise StateMismatchError(f"malformed state_dict: missing {missing}")
-    except (TypeError, ValueError, KeyError) as exc:
-        if isinstance(exc, StateMismatchError):
-            raise
-        raise StateMismatchError(f"malformed state_dict: {exc}") from exc
-    return sd
-
-
-def merge_state_dicts(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One state_dict from every rank's (what :func:`gather_state_dict` returns).
-
-    Raises:
-        StateMismatchError: The states are of different datasets, epochs or configurations.
-    """
-    if not state_dicts:
-        raise ValueError("no state_dicts to merge")
-    merged = _validated(state_dicts[0])
-    for other in map(_validated, state_dicts[1:]):
-        for key in ("fingerprint", "epoch", "config"):
-            if other[key] != merged[key]:
-                raise StateMismatchError(f"cannot merge state_dicts with different {key}")
-        merged["finished"] = merged["finished"] and other["finished"]
-        merged["ranks"].update(other["ranks"])
-        merged["readers"].update(other["readers"])
-        merged["items"].update(other["items"])
-    return merged
-
-
-def gather_state_dict(loader: StreamingDataLoader) -> dict[str, Any]:
-    """Every rank's loader state merged into one (a collective: call it on every rank).
-
-    Save the result once (rank 0); load it on every rank of the resumed job, whatever its world
-    size: ``loader.load_state_dict(state)``.
-    """
-    import torch.distributed as dist
-
-    own = loader.state_dict()
-    if not (dist.is_available() and dist.is_initialized()):
-        return own
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, own)
-    return merge_state_dicts(gathered)
-
-
-@contextlib.contextmanager
-def _frozen_heap() -> Iterator[None]:
-    """Keep this process's objects out of the garbage collections of the workers it forks.
-
-    A forked worker's first full collection otherwise walks every object it inherited and
-    writes to each one's header: a copy of every page of the parent's heap, ~150 ms before the
-    first sample of a second epoch's workers (measured with torch imported). ``gc.freeze``
-    moves the objects to a generation no collection visits, for the fork only; a process
-    that froze objects itself is left as it is.
-    """
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
