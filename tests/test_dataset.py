@@ -157,6 +157,28 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(tmp_path):
     assert first != sorted(first)
 
 
+@pytest.mark.parametrize("seed", [None, "7", 1.5, True])
+def test_a_seed_that_is_not_an_int_is_a_clear_error(tmp_path, seed):
+    # used as its text, None would silently give every run the same "random" order
+    with pytest.raises(TypeError, match=r"seed must be an int, not "):
+        StreamingWebDataset(str(tmp_path), shuffle=True, seed=seed, cache_dir=str(tmp_path / "c"))
+
+
+def test_seeds_and_epochs_may_be_numpy_integers(tmp_path):
+    np = pytest.importorskip("numpy")
+    write_dataset(lambda name, data: (tmp_path / name).write_bytes(data), [5] * 3)
+    orders = []
+    for seed, epoch in ((3, 1), (np.int64(3), np.int32(1))):
+        ds = StreamingWebDataset(
+            str(tmp_path), shuffle=True, seed=seed, cache_dir=str(tmp_path / "c")
+        )
+        ds.set_epoch(epoch)
+        orders.append(keys_of(ds))
+    assert orders[0] == orders[1]
+    with pytest.raises(TypeError, match=r"epoch must be an int, not 1.0"):
+        ds.set_epoch(1.0)
+
+
 @pytest.mark.parametrize("loader_class", ["DataLoader", "StreamingDataLoader"])
 def test_persistent_workers_see_set_epoch(tmp_path, loader_class):
     write_dataset(lambda name, data: (tmp_path / name).write_bytes(data), [6] * 4)

@@ -13,9 +13,11 @@ once per epoch across all ranks and workers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import multiprocessing
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from multiprocessing.context import get_spawning_popen
 from typing import Any, Literal
@@ -60,7 +62,8 @@ class StreamingWebDataset(IterableDataset[Sample]):
             callables; fields not listed stay bytes. ``schema=`` is the streaming-wds alias.
         transform: Called on each decoded sample (after :meth:`process_sample`).
         shuffle: Shuffle shard order and samples (through a buffer), per (seed, epoch).
-        seed: Base seed of the shuffle.
+        seed: Base seed of the shuffle, an int (the same seed gives the same order in every
+            run; pass a fresh one, e.g. from ``secrets.randbits(64)``, for a new order).
         buffer_size: Samples held by the shuffle buffer of each reader.
         memory_buffer_limit: Bytes bound of each reader's shuffle buffer (``"512MB"``).
         cache_dir: Directory of the shared shard cache (default: the user cache dir).
@@ -119,7 +122,7 @@ class StreamingWebDataset(IterableDataset[Sample]):
         self.decoder = Decoder(decode if decode is not None else schema)
         self.transform = transform
         self.shuffle = shuffle
-        self.seed = seed
+        self.seed = _integer("seed", seed)
         self.buffer_size = buffer_size if shuffle else 0
         self.memory_buffer_limit = parse_size(
             memory_buffer_limit_bytes
@@ -180,6 +183,7 @@ class StreamingWebDataset(IterableDataset[Sample]):
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch: shard order and sample shuffle are deterministic per (seed, epoch)."""
+        epoch = _integer("epoch", epoch)
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, not {epoch}")
         self.capture_distributed()
@@ -429,3 +433,14 @@ class StreamingWebDataset(IterableDataset[Sample]):
         if self._active is None or self._active_work is None:
             return None
         return self._active_work, self._active.state()
+
+
+def _integer(name: str, value: object) -> int:
+    """``value`` as an int (numpy integers too), or a TypeError naming ``name``.
+
+    A seed of ``None`` or ``1.5`` would otherwise be used as its text, silently fixed.
+    """
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(value)  # type: ignore[arg-type]
+    raise TypeError(f"{name} must be an int, not {value!r}")
