@@ -62,8 +62,8 @@ class StreamingWebDataset(IterableDataset[Sample]):
             callables; fields not listed stay bytes. ``schema=`` is the streaming-wds alias.
         transform: Called on each decoded sample (after :meth:`process_sample`).
         shuffle: Shuffle shard order and samples (through a buffer), per (seed, epoch).
-        seed: Base seed of the shuffle, an int (the same seed gives the same order in every
-            run; pass a fresh one, e.g. from ``secrets.randbits(64)``, for a new order).
+        seed: Base seed of the shuffle, an int, the same on every rank (ranks split the
+            shards by the order it gives); the same seed gives the same order in every run.
         buffer_size: Samples held by the shuffle buffer of each reader.
         memory_buffer_limit: Bytes bound of each reader's shuffle buffer (``"512MB"``).
         cache_dir: Directory of the shared shard cache (default: the user cache dir).
