@@ -22,16 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from webdataset import tariterators
 
+from wdsfs._tar_format import TarParser, plain_header
 from wdsfs.errors import CorruptShardError
-from wdsfs.tar import (
-    COMPRESSIONS,
-    TAR_SUFFIXES,
-    _Parser,
-    _plain_header,
-    _split,
-    count_samples,
-    read_samples,
-)
+from wdsfs.tar import COMPRESSIONS, TAR_SUFFIXES, _split, count_samples, read_samples
 
 URL = "s3://bucket/ds/shard-000000.tar"
 
@@ -490,16 +483,16 @@ def test_signed_checksum_and_base256_size() -> None:
 def test_plain_headers_take_the_fast_path() -> None:
     for fmt in (tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT):
         data = make_tar([("dir/a.seg.png", b"x" * 700), ("b" * 100, b"")], fmt=fmt)
-        assert _plain_header(data[:512]) == ("dir/a.seg.png", 700)
-        assert _plain_header(data[1536:2048]) == ("b" * 100, 0)  # a name of all 100 bytes
-    assert _plain_header(bytes(512)) is None  # zero block
+        assert plain_header(data[:512]) == ("dir/a.seg.png", 700)
+        assert plain_header(data[1536:2048]) == ("b" * 100, 0)  # a name of all 100 bytes
+    assert plain_header(bytes(512)) is None  # zero block
     v7_dir = bytearray(make_tar([("d/", b"")])[:512])  # a v7 directory: type NUL, name "d/"
     v7_dir[156] = 0
     v7_dir[148:156] = b" " * 8
     v7_dir[148:156] = b"%06o\0 " % sum(v7_dir)
-    assert _plain_header(bytes(v7_dir)) is None
-    assert _Parser(io.BytesIO(), URL, b"", True, None).header(bytes(v7_dir), 0)[1] == 0x35
-    assert _plain_header(make_tar([("a.txt", b"1")])[:511]) is None
+    assert plain_header(bytes(v7_dir)) is None
+    assert TarParser(io.BytesIO(), URL, b"", True).header(bytes(v7_dir), 0)[1] == 0x35
+    assert plain_header(make_tar([("a.txt", b"1")])[:511]) is None
 
 
 _FIELD_BYTES = st.sampled_from([0, 0x20, 0x2F, 0x30, 0x35, 0x37, 0x38, 0x2D, 0x80, 0xFF, 0x61])
@@ -524,8 +517,8 @@ def test_the_fast_path_agrees_with_the_full_header_parser(
     if fix_checksum:
         block[148:156] = b" " * 8
         block[148:156] = b"%06o\0 " % sum(block)
-    plain = _plain_header(bytes(block))
-    parser = _Parser(io.BytesIO(), URL, b"", True, None)
+    plain = plain_header(bytes(block))
+    parser = TarParser(io.BytesIO(), URL, b"", True)
     try:
         name, flag, size = parser.header(bytes(block), 0)
     except CorruptShardError:
