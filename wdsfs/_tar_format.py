@@ -111,11 +111,7 @@ class TarParser:
     def header(self, block: bytes, offset: int) -> tuple[str, int, int]:
         """Check one ustar/GNU/v7 header block; return (name, type flag, size)."""
         field = block[148:156]
-        end = field.find(0)
-        try:
-            chksum = int((field if end < 0 else field[:end]).strip() or b"0", 8)
-        except ValueError:
-            raise self.error("not a tar header (bad checksum field)", offset) from None
+        chksum = self.octal(field, "not a tar header (bad checksum field)", offset)
         if block.count(0) >= 256:  # byte sum < 65521: adler32's low half is 1 + sum, in C
             unsigned = ((zlib.adler32(block) & 0xFFFF) - 1) % 65521
         else:
@@ -134,12 +130,7 @@ class TarParser:
                 raise self.error("negative member size", offset)
             size = int.from_bytes(block[125:136], "big")
         else:
-            field = block[124:136]
-            end = field.find(0)
-            try:
-                size = int((field if end < 0 else field[:end]).strip() or b"0", 8)
-            except ValueError:
-                raise self.error("bad size field in tar header", offset) from None
+            size = self.octal(block[124:136], "bad size field in tar header", offset)
             if size < 0:
                 raise self.error("negative member size", offset)
         name = raw.decode("utf-8", "surrogateescape")
@@ -148,6 +139,14 @@ class TarParser:
             if prefix:
                 name = prefix + "/" + name
         return name, flag, size
+
+    def octal(self, field: bytes, what: str, offset: int) -> int:
+        """A header's octal number field (NUL- or space-terminated), or ``what`` as the error."""
+        end = field.find(0)
+        try:
+            return int((field if end < 0 else field[:end]).strip() or b"0", 8)
+        except ValueError:
+            raise self.error(what, offset) from None
 
     def pax_size(self, value: str, offset: int) -> int:
         """The ``size`` record of a pax header."""
