@@ -37,7 +37,7 @@ isolate_environment(os.environ)
 # Tests that need torch run in the tox environment that installs it (py311-torch, where
 # WDSFS_TESTS_TORCH=required makes a missing torch an error); the core environments prove that
 # wdsfs works without torch and do not collect them.
-_TORCH_MODULES = ["test_dataset.py", "test_loader.py", "test_docs_torch.py"]
+_TORCH_MODULES = ["test_dataset.py", "test_loader.py", "test_workers.py"]
 if importlib.util.find_spec("torch") is None:
     if os.environ.get("WDSFS_TESTS_TORCH") == "required":
         raise RuntimeError("WDSFS_TESTS_TORCH=required but torch is not installed")
