@@ -306,14 +306,17 @@ def test_a_disk_that_fills_up_mid_download_loses_nothing(
     with Fetcher(cache, direct_io=direct_io, **options) as fetcher:
         with fetcher.fetch(shards[0]) as fetched:
             assert fetched.file.read() == first
-        real_pwrite, written = os.pwrite, [0]
+        real_pwrite, written, lock = os.pwrite, [0], threading.Lock()
 
         def filling_pwrite(fd, data, offset):
-            if written[0] > 1024 * 1024:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            done = real_pwrite(fd, data, offset)
-            written[0] += done
-            return done
+            # checked and counted at once: chunks write on parallel threads, and with direct
+            # I/O each 1 MiB chunk is one write, which could all pass a check made before any
+            # of them counts
+            with lock:
+                if written[0] >= 1024 * 1024:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                written[0] += len(data)
+            return real_pwrite(fd, data, offset)
 
         monkeypatch.setattr(os, "pwrite", filling_pwrite)
         with pytest.raises(CacheError) as info:
