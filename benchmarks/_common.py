@@ -234,7 +234,9 @@ def raw_ranged_read(
     """Read every object as ``RANGE_SIZE`` ranged GETs on ``threads`` threads.
 
     The bytes are discarded, or with ``write_to`` (a directory) written at their offsets into
-    one file per object there, as a disk cache must (the ceiling for any disk cache).
+    one file per object there: a disk cache built the plain way (each range a new ``bytes``
+    from ``cat_file``, written with ``pwrite``). Not a ceiling: wdsfs's downloads read into
+    reused buffers and have run faster than this on the same machine.
     """
     fds: dict[str, int] = {}
     if write_to is not None:

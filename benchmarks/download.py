@@ -7,8 +7,9 @@ each measurement in a fresh child process (so its peak RSS is its own):
 - ``raw ranged``: 8 threads of 8 MiB ranged ``fs.cat_file`` GETs over every object, bytes
   discarded: the ceiling the server and client allow on this machine;
 - ``raw whole``: 8 threads, one whole-object ``fs.cat_file`` each (for reference);
-- ``raw ranged + write``: the ranged reads written at their offsets into local files, as any disk
-  cache must: the ceiling for a disk cache on this machine (not a target);
+- ``raw ranged + write``: the ranged reads written at their offsets into local files: a disk
+  cache built the plain way (each range a new ``bytes`` written with ``pwrite``), for
+  comparison (not a target, and not a ceiling: wdsfs's downloads have run faster);
 - ``prefetch_shards cold``: ``ShardDownloader(max_pool_connections=8).prefetch_shards(keys)``
   (the streaming-wds API) into an empty cache directory;
 - ``prefetch_shards warm``: the same again, every shard already in the cache;
